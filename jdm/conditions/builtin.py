@@ -1,0 +1,128 @@
+"""The paper's four controls (Appendix B): Canny, HED, depth, super-resolution (x8 nearest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .base import Condition
+
+
+def _gray(images: torch.Tensor) -> torch.Tensor:
+    return images.mean(1, keepdim=True) if images.shape[1] == 3 else images
+
+
+class Canny(Condition):
+    """OpenCV's Canny (what controlnet-aux's CannyDetector runs; its 64-pixel resize rounding can't
+    take 16-32 px images). Not differentiable, so `surrogate` is Sobel magnitude after a Gaussian
+    blur and a soft threshold between the two hysteresis thresholds."""
+
+    name = "canny"
+
+    def __init__(self, low_threshold: int = 100, high_threshold: int = 200):
+        self.low, self.high = low_threshold, high_threshold
+
+    @classmethod
+    def create(cls, params, models_dir: Path) -> "Canny":
+        c = params.conditions.canny if params is not None else None
+        return cls(c.low_threshold, c.high_threshold) if c else cls()
+
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        gray = (_gray(images).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        maps = np.stack([cv2.Canny(g[0], self.low, self.high) for g in gray])
+        return torch.from_numpy(maps).float().div(255).unsqueeze(1)
+
+    def surrogate(self, images: torch.Tensor) -> torch.Tensor:
+        x = _gray(images) * 255
+        blur = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], device=x.device, dtype=x.dtype)
+        blur = (blur[:, None] * blur[None, :] / 256).view(1, 1, 5, 5)
+        x = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), blur)
+        sobel = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]], device=x.device, dtype=x.dtype)
+        kernels = torch.stack([sobel, sobel.T]).unsqueeze(1)
+        g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels)
+        magnitude = (g.pow(2).sum(1, keepdim=True) + 1e-6).sqrt()
+        mid, width = (self.low + self.high) / 2, (self.high - self.low) / 4
+        return torch.sigmoid((magnitude - mid) / width)
+
+
+class _NetworkCondition(Condition):
+    """A condition whose extractor is a frozen network (differentiable, so surrogate = extract).
+
+    Images are reflect-padded before the network and cropped after: both HED and the depth net
+    zero-pad their convolutions, which on 16-32 px images paints a frame at the border.
+    """
+
+    pad = 8
+
+    def __init__(self, network: torch.nn.Module):
+        self.network = network
+
+    def _run(self, images: torch.Tensor) -> torch.Tensor:
+        p = min(self.pad, images.shape[-1] - 1, images.shape[-2] - 1)
+        x = F.pad(images, (p, p, p, p), mode="reflect")
+        return self.network(x)[..., p:p + images.shape[-2], p:p + images.shape[-1]]
+
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._run(images).clamp(0, 1)
+
+    def surrogate(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run(images)
+
+
+class HED(_NetworkCondition):
+    name = "hed"
+
+    @classmethod
+    def create(cls, params, models_dir: Path) -> "HED":
+        from ..annotators.hed import load_controlnet_aux_hed, load_hed
+
+        p = params.annotators.hed if params is not None else None
+        if p is not None and p.source == "controlnet-aux":
+            return cls(load_controlnet_aux_hed(p.path))
+        return cls(load_hed(models_dir / "annotators" / "hed"))
+
+
+class Depth(_NetworkCondition):
+    name = "depth"
+
+    @classmethod
+    def create(cls, params, models_dir: Path) -> "Depth":
+        from ..annotators.depth import load_controlnet_aux_midas, load_depth_net
+
+        p = params.annotators.depth if params is not None else None
+        if p is not None and p.source == "controlnet-aux":
+            return cls(load_controlnet_aux_midas(p.path))
+        return cls(load_depth_net(models_dir / "annotators" / "depth"))
+
+
+class SuperResolution(Condition):
+    """The image downscaled by `factor` with the nearest kernel (the paper's SRx8), shown at full
+    size (nearest upscale) so every condition map has the image's shape. Nearest selection is
+    differentiable with respect to the pixels it keeps."""
+
+    name = "sr"
+    tau = 0.05
+
+    def __init__(self, factor: int = 8):
+        self.factor = factor
+
+    @classmethod
+    def create(cls, params, models_dir: Path) -> "SuperResolution":
+        return cls(params.conditions.sr_factor) if params is not None else cls()
+
+    def surrogate(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        small = F.interpolate(images, size=(max(1, h // self.factor), max(1, w // self.factor)), mode="nearest")
+        return F.interpolate(small, size=(h, w), mode="nearest")
+
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.surrogate(images)
+
+
+BUILTIN: dict[str, type[Condition]] = {"canny": Canny, "hed": HED, "depth": Depth, "sr": SuperResolution}

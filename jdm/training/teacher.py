@@ -1,0 +1,78 @@
+"""The teacher: a text-conditional UNet trained by denoising, with prompt dropout for CFG.
+
+Short CPU budgets need the usual remedies, each a parameter: an EMA of the weights (the EMA is what
+is saved and sampled), min-SNR loss weighting, warm-up then cosine learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel, compute_snr
+
+from ..config import TeacherParams
+from ..data import EMPTY_PROMPT_ID, Split
+from ..models.backbone import Backbone
+from ..models.unet import build_noise_scheduler, build_unet
+
+
+def denoising_loss(unet, noise_scheduler, x0, hidden, mask, generator, snr_gamma: float | None):
+    """Epsilon-prediction loss, min-SNR-gamma weighted (Hang et al. 2023) when `snr_gamma` is set."""
+    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    t = torch.randint(noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
+    noisy = noise_scheduler.add_noise(x0, noise, t)
+    pred = unet(noisy, t, encoder_hidden_states=hidden, encoder_attention_mask=mask).sample
+    per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is None:
+        return per_sample.mean()
+    snr = compute_snr(noise_scheduler, t)
+    weight = torch.clamp(snr, max=snr_gamma) / snr
+    return (per_sample * weight).mean()
+
+
+def train_teacher(params: TeacherParams, train: Split, embeddings: tuple[torch.Tensor, torch.Tensor],
+                  backbone: Backbone, *, seed: int, log: Callable[[int, dict], None] | None = None):
+    """Train the teacher UNet; return (EMA UNet, noise scheduler)."""
+    accelerator = Accelerator()
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    hidden_table, mask_table = embeddings
+    size = train.images.shape[-1] // backbone.factor
+    unet = build_unet(params.unet, size, backbone.channels, hidden_table.shape[-1])
+    noise_scheduler = build_noise_scheduler(params)
+    ema = EMAModel(unet.parameters(), decay=params.ema_decay, model_cls=type(unet), model_config=unet.config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=params.lr, weight_decay=1e-2)
+    lr_schedule = get_cosine_schedule_with_warmup(optimizer, params.warmup_steps, params.steps)
+    unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
+    ema.to(accelerator.device)
+    unet.train()
+    log_every = max(1, params.steps // 20)
+    running = 0.0
+    for step in range(1, params.steps + 1):
+        idx = torch.randint(len(train), (params.batch_size,), generator=g)
+        with torch.no_grad():
+            x0 = backbone.encode(train.pixels(idx)).to(accelerator.device)
+        pid = train.prompt_ids[idx]
+        pid = torch.where(torch.rand(len(pid), generator=g) < params.prompt_dropout, EMPTY_PROMPT_ID, pid)
+        hidden, mask = hidden_table[pid].to(accelerator.device), mask_table[pid].to(accelerator.device)
+        loss = denoising_loss(unet, noise_scheduler, x0, hidden, mask, g, params.snr_gamma)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"teacher loss is {loss.item()} at step {step}")
+        accelerator.backward(loss)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+        running += loss.item()
+        if log and (step % log_every == 0 or step == params.steps):
+            log(step, {"loss": running / (log_every if step % log_every == 0 else step % log_every),
+                       "lr": lr_schedule.get_last_lr()[0]})
+            running = 0.0
+    unet = accelerator.unwrap_model(unet)
+    ema.copy_to(unet.parameters())
+    return unet.eval().requires_grad_(False), noise_scheduler
