@@ -101,6 +101,9 @@ class UNetParams(Section):
     layers_per_block: PositiveInt = 1
     attention_head_dim: PositiveInt = 8
     norm_num_groups: PositiveInt = 8
+    # "text": attention-pooled prompt added to the time embedding, so every block sees the prompt,
+    # not only the cross-attention layers (diffusers' TextTimeEmbedding; ControlNet.from_unet copies it)
+    addition_embed_type: Optional[Literal["text"]] = None
 
     @model_validator(mode="after")
     def _same_depth(self):

@@ -17,7 +17,7 @@ from ..io import load_tensors, save_tensors, write_json
 
 
 class Classifier(nn.Module):
-    def __init__(self, num_classes: int = 10, width: int = 32, feature_dim: int = 128):
+    def __init__(self, num_classes: int = 10, width: int = 16, feature_dim: int = 128):
         super().__init__()
         self.config = {"num_classes": num_classes, "width": width, "feature_dim": feature_dim}
 

@@ -13,8 +13,10 @@ normalised per image to [0, 1], 1 = nearest, 0 = farthest. Maps are [N, 1, H, W]
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -59,10 +61,7 @@ def sample_scenes(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]
     # like Fashion-MNIST
     horizon = torch.where(torch.rand(n, generator=g) < 0.25, torch.ones(n), U(0.05, 0.9, n))
     cam_height = U(0.5, 1.5, n)
-    z = U(NEAR, 11.0, n, k)
-    width, height = U(0.5, 2.0, n, k), U(0.5, 2.5, n, k)  # world units
-    foot = horizon[:, None] + cam_height[:, None] / z  # where the object touches the ground
-    return {
+    scene = {
         # background and camera [n]
         "horizon": horizon, "cam_height": cam_height, "z_wall": U(12.0, 20.0, n),
         "checker_side": U(0.5, 2.0, n), "ground_albedo": U(0.2, 0.8, n), "ground_contrast": U(0.0, 0.5, n),
@@ -70,15 +69,24 @@ def sample_scenes(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]
         "gain": U(0.7, 1.3, n), "offset": U(-0.05, 0.05, n), "noise": U(0.0, 0.03, n),
         # objects [n, K]
         "active": torch.arange(k) < torch.randint(1, k + 1, (n, 1), generator=g),
-        "z": z, "width": width, "height": height, "foot": foot,
+        "z": U(NEAR, 11.0, n, k), "width": U(0.5, 2.0, n, k), "height": U(0.5, 2.5, n, k),  # world units
         "cx": U(0.1, 0.9, n, k),
-        "cy": (foot - height / z / 2).clamp(max=0.85),  # keep objects of ground-less scenes in view
         "kind": torch.randint(0, 3, (n, k), generator=g).float(),  # 0 rectangle, 1 ellipse, 2 T-shirt
         "bulge": U(0.0, 1.0, n, k),
         "light_x": U(-0.7, 0.7, n, k), "light_y": U(-0.7, 0.0, n, k),  # light from (x, y, 1), the camera side
         "stripe_angle": U(0.0, math.pi, n, k), "stripe_freq": U(0.3, 1.0, n, k),  # cycles per world unit
         "stripe_contrast": U(0.0, 0.3, n, k), "albedo": U(0.3, 1.0, n, k),
     }
+    return place_on_ground(scene)
+
+
+def place_on_ground(scene: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Set each object's contact point `foot` and image centre `cy` from its distance: it stands on the
+    ground, so the nearer, the lower in the frame. (Call again after changing `z` or `height`.)"""
+    scene["foot"] = scene["horizon"][:, None] + scene["cam_height"][:, None] / scene["z"]
+    # clamped: objects of ground-less scenes (horizon at the bottom edge) stay in view
+    scene["cy"] = (scene["foot"] - scene["height"] / scene["z"] / 2).clamp(max=0.85)
+    return scene
 
 
 def _shape(u, v, cx, cy, w, h, kind):
@@ -265,26 +273,50 @@ def ordering_accuracy(pred: torch.Tensor, target: torch.Tensor, generator: torch
     return ((torch.sign(dp) == torch.sign(dt)) & counted).sum().item() / max(counted.sum().item(), 1)
 
 
+def near_far_scenes(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Scenes of exactly two objects, object 0 near (z in [2, 3.5]), object 1 far (z in [7, 11]), all
+    other parameters as `sample_scenes` draws them."""
+    scene = sample_scenes(n, generator)
+    k = scene["z"].shape[1]
+    scene["active"] = torch.arange(k).expand(n, k) < 2
+    scene["z"][:, 0] = _uniform(NEAR, 3.5, (n,), generator)
+    scene["z"][:, 1] = _uniform(7.0, 11.0, (n,), generator)
+    return place_on_ground(scene)
+
+
+def near_far_accuracy(pred: torch.Tensor, surface_id: torch.Tensor) -> float:
+    """Over `near_far_scenes` where both objects show: the fraction whose near object (surface 1) has the
+    higher mean predicted disparity than the far one (surface 2)."""
+    near, far = surface_id == 1, surface_id == 2
+    both = (near.sum((1, 2, 3)) > 0) & (far.sum((1, 2, 3)) > 0)
+    mean = lambda m: (pred * m).sum((1, 2, 3)) / m.sum((1, 2, 3)).clamp(min=1)  # noqa: E731
+    return (mean(near) > mean(far))[both].float().mean().item()
+
+
 @torch.no_grad()
 def evaluate_depth_net(model: nn.Module, n: int, size: int, seed: int, device: str | torch.device = "cpu") -> dict:
-    """Metrics on `n` fresh renders from `seed`.
+    """Metrics on `n` fresh renders from `seed` (and `n` `near_far_scenes`).
 
-    ordering_accuracy: any pixel pairs (`ordering_accuracy`); object_ordering_accuracy: pairs on two
-    different objects, the harder case (ground and wall give themselves away by their position).
+    ordering_accuracy: any pixel pairs (`ordering_accuracy`); object_ordering_accuracy: pixel pairs on two
+    different objects, the harder case (ground and wall give themselves away by their position);
+    near_far_accuracy: whole objects, one near and one far (`near_far_accuracy`).
     l1: mean |pred - target| on normalised disparity. abs_rel: MiDaS's metric -- the prediction aligned to
     the true disparity 1/z in scale and shift per image, turned into depth, mean |z_pred - z| / z.
     """
     g = torch.Generator().manual_seed(seed)
     images, z, surface_id = _render(n, size, g)
+    nf_images, _, nf_surface = draw_scenes(near_far_scenes(n, g), size, g)
     target = normalize_per_image(1 / z)
     was_training = model.training
     model.eval()
     pred = model(images.to(device)).float().cpu()
+    nf_pred = model(nf_images.to(device)).float().cpu()
     model.train(was_training)
     disparity = _align_scale_shift(pred, 1 / z).clamp_min(1 / z.amax())  # no negative or infinite depth
     return {
         "ordering_accuracy": ordering_accuracy(pred, target, g),
         "object_ordering_accuracy": ordering_accuracy(pred, target, g, pairs=4000, surface_id=surface_id),
+        "near_far_accuracy": near_far_accuracy(nf_pred, nf_surface),
         "l1": (pred - target).abs().mean().item(),
         "abs_rel": ((1 / disparity - z).abs() / z).mean().item(),
     }
@@ -352,8 +384,6 @@ def save_depth_net(model: DepthNet, out_dir: str | os.PathLike) -> None:
 
 def load_depth_net(out_dir: str | os.PathLike) -> DepthNet:
     """The saved DepthNet, in eval mode with frozen parameters."""
-    import json
-
     out_dir = Path(out_dir)
     config_path = out_dir / CONFIG_FILE
     if not config_path.is_file():
@@ -376,13 +406,18 @@ class MidasDepth(nn.Module):
     Like `MidasDetector.__call__`, but on tensors and batched: gray to RGB, resize so the short side is
     `detect_resolution` (both sides rounded to a multiple of 32, as DPT needs), scale to [-1, 1], run the
     network, resize back, min-max normalise per image (MiDaS disparity, so 1 = near).
-    Differentiable with respect to the images; the weights are frozen.
+    Differentiable with respect to the images; the weights are frozen and the network stays in eval mode.
     """
 
     def __init__(self, model: nn.Module, detect_resolution: int = 384):
         super().__init__()
         self.model = model
         self.detect_resolution = detect_resolution
+
+    def train(self, mode: bool = True) -> "MidasDepth":
+        super().train(mode)
+        self.model.eval()  # a frozen annotator: never dropout, whatever the caller's mode
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
@@ -391,29 +426,52 @@ class MidasDepth(nn.Module):
         k = self.detect_resolution / min(h, w)
         size = (max(32, round(h * k / 32) * 32), max(32, round(w * k / 32) * 32))
         x = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1) * 2 - 1
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=k < 1)
+        x = x.clamp(0, 1) * 2 - 1  # bicubic overshoots; MiDaS DPT expects [-1, 1]
         depth = self.model(x).unsqueeze(1)  # DPTDepthModel returns [N, H, W]
-        depth = F.interpolate(depth, size=(h, w), mode="bilinear", align_corners=False)
+        depth = F.interpolate(depth, size=(h, w), mode="bilinear", align_corners=False, antialias=size[0] > h)
         return normalize_per_image(depth)
 
 
-def load_controlnet_aux_midas(path_or_hub_id: str, detect_resolution: int = 384) -> MidasDepth:
-    """MiDaS DPT-Hybrid from a local directory holding `dpt_hybrid-midas-501f0c75.pt` (what
-    `MidasDetector.from_pretrained(dir)` reads), as a frozen eval-mode `MidasDepth`.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
-    The network is built from controlnet-aux's own class, but not through its loader: that loader
-    `torch.load`s without `weights_only=True` and, for a missing file, downloads one. Here the backbone is
-    built with timm `pretrained=False` (no download) and the checkpoint is read with `weights_only=True`.
-    Only local directories are accepted: nothing here reaches the hub.
-    """
+
+def _midas_checkpoint(path_or_hub_id: str) -> Path:
+    """The checkpoint's path: in a local directory, or (for a hub id) in the local Hugging Face cache only."""
     directory = Path(path_or_hub_id)
-    model_path = directory / MIDAS_FILE
-    if not directory.is_dir():
-        raise FileNotFoundError(f"MiDaS directory {directory} does not exist: expected a local directory "
-                                f"holding {MIDAS_FILE} (hub ids are not downloaded)")
-    if not model_path.is_file():
-        raise FileNotFoundError(f"{model_path} does not exist: put the DPT-Hybrid checkpoint {MIDAS_FILE} "
-                                f"in {directory}")
+    if directory.is_dir():
+        model_path = directory / MIDAS_FILE
+        if not model_path.is_file():
+            raise FileNotFoundError(f"{model_path} does not exist: put the DPT-Hybrid checkpoint {MIDAS_FILE} "
+                                    f"in {directory}")
+        return model_path
+    if not directory.exists() and _HUB_ID.fullmatch(path_or_hub_id):
+        from huggingface_hub import hf_hub_download
+
+        # the file names MidasDetector.from_pretrained looks for; local_files_only: never the network
+        filename = "annotator/ckpts/" + MIDAS_FILE if path_or_hub_id == "lllyasviel/ControlNet" else MIDAS_FILE
+        try:
+            return Path(hf_hub_download(path_or_hub_id, filename, local_files_only=True))
+        except Exception as e:  # not cached (or no such repo): say what was expected where
+            raise FileNotFoundError(
+                f"{path_or_hub_id}: no local directory of that name, and {filename} of hub repo "
+                f"{path_or_hub_id} is not in the local Hugging Face cache (nothing is downloaded): "
+                f"pass a directory holding {MIDAS_FILE}") from e
+    raise FileNotFoundError(f"MiDaS directory {directory} does not exist: expected a local directory "
+                            f"holding {MIDAS_FILE}")
+
+
+def load_controlnet_aux_midas(path_or_hub_id: str, detect_resolution: int = 384) -> MidasDepth:
+    """MiDaS DPT-Hybrid as a frozen eval-mode `MidasDepth`, from a local directory holding
+    `dpt_hybrid-midas-501f0c75.pt` (what `MidasDetector.from_pretrained(dir)` reads) or a hub id
+    already in the local Hugging Face cache (e.g. "lllyasviel/Annotators"; nothing is downloaded).
+
+    The network is controlnet-aux's own class, but not loaded through its loader: that loader calls
+    `torch.load` without `weights_only=True` and, for a missing file, downloads one. Here the timm
+    backbone is built with `pretrained=False` (no download) and the checkpoint is read with
+    `weights_only=True`, then loaded strictly.
+    """
+    model_path = _midas_checkpoint(path_or_hub_id)
     # read before building: a bad file fails fast, and weights_only refuses anything but tensors and containers
     state = torch.load(model_path, map_location="cpu", weights_only=True)
     if "optimizer" in state:  # a training checkpoint, as BaseModel.load handles

@@ -18,8 +18,7 @@ def _gray(images: torch.Tensor) -> torch.Tensor:
 
 class Canny(Condition):
     """OpenCV's Canny (what controlnet-aux's CannyDetector runs; its 64-pixel resize rounding can't
-    take 16-32 px images). Not differentiable, so `surrogate` is Sobel magnitude after a Gaussian
-    blur and a soft threshold between the two hysteresis thresholds."""
+    take 16-32 px images). Not differentiable, so `surrogate` is a soft Canny (below)."""
 
     name = "canny"
 
@@ -37,16 +36,17 @@ class Canny(Condition):
         return torch.from_numpy(maps).float().div(255).unsqueeze(1)
 
     def surrogate(self, images: torch.Tensor) -> torch.Tensor:
+        # cv2.Canny: 3x3 Sobel, L1 magnitude, no blur, non-maximum suppression, hysteresis. Here:
+        # the same magnitude, a sigmoid between the thresholds, and a soft suppression of pixels
+        # below their 3x3 neighbourhood's maximum (r = 0.83 with exact maps on Fashion-MNIST, 0.42 without)
         x = _gray(images) * 255
-        blur = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], device=x.device, dtype=x.dtype)
-        blur = (blur[:, None] * blur[None, :] / 256).view(1, 1, 5, 5)
-        x = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), blur)
         sobel = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]], device=x.device, dtype=x.dtype)
         kernels = torch.stack([sobel, sobel.T]).unsqueeze(1)
-        g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels)
-        magnitude = (g.pow(2).sum(1, keepdim=True) + 1e-6).sqrt()
+        magnitude = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels).abs().sum(1, keepdim=True)
         mid, width = (self.low + self.high) / 2, (self.high - self.low) / 4
-        return torch.sigmoid((magnitude - mid) / width)
+        edge = torch.sigmoid((magnitude - mid) / width)
+        local_max = F.max_pool2d(magnitude, 3, 1, 1)
+        return edge * torch.sigmoid((magnitude - local_max) / (0.1 * local_max.clamp(min=1)) + 3)
 
 
 class _NetworkCondition(Condition):
@@ -89,6 +89,7 @@ class HED(_NetworkCondition):
 
 class Depth(_NetworkCondition):
     name = "depth"
+    pad = 0  # the stand-in was trained on whole frames: reflect padding doubled its L1 error
 
     @classmethod
     def create(cls, params, models_dir: Path) -> "Depth":

@@ -20,6 +20,7 @@ def build_unet(cfg: UNetParams, sample_size: int, channels: int, cross_attention
         attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=cfg.norm_num_groups,
         cross_attention_dim=cross_attention_dim,
+        addition_embed_type=cfg.addition_embed_type,
     )
 
 

@@ -1,0 +1,67 @@
+import subprocess
+
+import pytest
+import yaml
+
+from jdm.config import PROFILES, ParamsError, load_params, parse_params
+
+from .conftest import REPO
+
+
+def raw(profile="tiny"):
+    return yaml.safe_load((REPO / "profiles" / f"{profile}.yaml").read_text())
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_is_valid(profile):
+    assert load_params(REPO / "profiles" / f"{profile}.yaml").profile == profile
+
+
+def test_committed_params_is_the_embedded_default():
+    assert (REPO / "params.yaml").read_text() == (REPO / "profiles" / "tiny.yaml").read_text()
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda r: r["teacher"].update(stepz=3), ["teacher.stepz: unknown key", "allowed here:", "steps"]),
+    (lambda r: r["teacher"].update(steps=-5), ["teacher.steps", "greater than 0", "-5"]),
+    (lambda r: r["teacher"].update(lr="fast"), ["teacher.lr", "'fast'"]),
+    (lambda r: r.update(profile="huge"), ["profile", "'smoke', 'tiny' or 'sd15'", "'huge'"]),
+    (lambda r: r["data"].update(image_size=20), ["multiple of 8", "20"]),
+    (lambda r: r["data"].update(templates=["no slot"]), ["'no slot'", "'{}'"]),
+    (lambda r: r["evaluation"].update(sampler="euler"), ["evaluation.sampler", "'ddim' or 'unipc'"]),
+    (lambda r: r.update(bogus={}), ["bogus: unknown key", "teacher"]),
+])
+def test_bad_params_name_the_key_and_what_is_allowed(edit, expected):
+    r = raw()
+    edit(r)
+    with pytest.raises(ParamsError) as err:
+        parse_params(r)
+    for text in expected:
+        assert text in str(err.value)
+
+
+def test_stage_rejects_bad_params_before_any_work(tmp_path):
+    r = raw("smoke")
+    r["teacher"]["steps"] = 0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(r))
+    out = subprocess.run(["jdm", "data"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "teacher.steps" in out.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_profile_switch_keeps_user_edits(tmp_path):
+    (tmp_path / "profiles").mkdir()
+    for p in PROFILES:
+        (tmp_path / "profiles" / f"{p}.yaml").write_text((REPO / "profiles" / f"{p}.yaml").read_text())
+    params = tmp_path / "params.yaml"
+    run = lambda *a: subprocess.run(["jdm", "profile", *a], cwd=tmp_path, capture_output=True, text=True)
+    assert run("smoke").returncode == 0 and load_params(params).profile == "smoke"
+    assert run("tiny").returncode == 0 and load_params(params).profile == "tiny"
+    edited = params.read_text().replace("seed: 0", "seed: 7")
+    params.write_text(edited)
+    out = run("smoke")
+    assert out.returncode == 2 and "--force" in out.stderr
+    assert params.read_text() == edited  # nothing lost
+    assert run("smoke", "--force").returncode == 0 and load_params(params).profile == "smoke"
+    assert run("nope").returncode == 2
