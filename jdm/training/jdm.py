@@ -1,0 +1,149 @@
+"""One JDM iteration: generator update, then fake-score and consistency-LoRA updates (TTUR).
+
+The players come in as callables with the batch context (prompt, control) bound by `sample`, so the
+same loop trains the analytic toy (tests) and the UNet + ControlNet generator (warm-up and extension).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from diffusers.training_utils import EMAModel
+
+from ..models.lora import consistency_mode
+from ..objectives import (VPSchedule, condition_grad, consistency_ladder, consistency_loss, fake_score_loss,
+                          generator_loss)
+
+
+@dataclass
+class JDMSettings:
+    condition_weight: float = 1.0
+    # fraction of T; the condition term only below it (method.md). On the analytic test (cosine
+    # schedule) 0.5 T kept only the 2 modes farthest from the condition boundary; 0.2 T covered all 4
+    condition_t_max: float | None = 0.2
+    condition_on_x: bool = False          # ablation: grad log p(c | x) on the generator output
+    t_min: float = 0.02
+    t_max: float = 0.98
+    fake_steps: int = 2                   # fake-score / LoRA updates per generator update
+    consistency_steps: int = 20           # N of the consistency ladder
+    consistency_ema: float = 0.99         # EMA of the LoRA used as the consistency target
+
+
+@dataclass
+class Players:
+    """`sample(n, grad)` -> (x, ctx) draws generator samples and their context (prompt, control).
+
+    `real_eps`, `fake_eps(x_t, t, ctx)`: teacher and fake score. `fake_score` is the fake-score module
+    carrying the consistency LoRA (adapter on = consistency model). `log_likelihood(x0, ctx)`: log p(c | x0),
+    or None for plain score distillation (implicit VSD / Diff-Instruct).
+    """
+
+    sample: Callable[[int, bool], tuple[torch.Tensor, Any]]
+    real_eps: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+    fake_eps: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+    fake_score: torch.nn.Module
+    log_likelihood: Callable[[torch.Tensor, Any], torch.Tensor] | None
+
+
+class JDMTrainer:
+    def __init__(self, players: Players, schedule: VPSchedule, settings: JDMSettings, *,
+                 generator_optimizer: torch.optim.Optimizer, fake_optimizer: torch.optim.Optimizer,
+                 lora_optimizer: torch.optim.Optimizer, lora_params: list[torch.nn.Parameter],
+                 batch_size: int, rng: torch.Generator):
+        self.p, self.schedule, self.s = players, schedule, settings
+        self.gen_opt, self.fake_opt, self.lora_opt = generator_optimizer, fake_optimizer, lora_optimizer
+        self.lora_params = lora_params
+        self.lora_target = EMAModel(lora_params, decay=settings.consistency_ema)
+        self.batch_size, self.rng = batch_size, rng
+        T = schedule.num_timesteps
+        self.t_range = (int(settings.t_min * T), int(settings.t_max * T))
+        self.cond_t_max = None if settings.condition_t_max is None else int(settings.condition_t_max * T)
+        # the consistency model is only asked for t <= condition_t_max; near T its clean prediction
+        # divides by alpha_t ~ 0 and the consistency loss blows up, so the ladder stops where it is used
+        self.ladder = consistency_ladder(settings.consistency_steps, T, self.cond_t_max or self.t_range[1])
+
+    def _t(self, n: int) -> torch.Tensor:
+        return torch.randint(self.t_range[0], self.t_range[1] + 1, (n,), generator=self.rng)
+
+    def _eps(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.rng).to(x)
+
+    # The adapter stays on across forward *and* backward of everything below: peft switches the
+    # LoRA's requires_grad with the adapter, and autograd.grad refuses parameters that lost it.
+    def _consistency_eps(self, ctx):
+        return lambda x_t, t: self.p.fake_eps(x_t, t, ctx)
+
+    def _target_eps(self, ctx):
+        """The consistency model with the EMA LoRA weights swapped in (call in consistency mode)."""
+        def eps(x_t, t):
+            self.lora_target.store(self.lora_params)
+            self.lora_target.copy_to(self.lora_params)
+            try:
+                return self.p.fake_eps(x_t, t, ctx)
+            finally:
+                self.lora_target.restore(self.lora_params)
+        return eps
+
+    def _condition_grad(self, ctx, x_t, t):
+        with consistency_mode(self.p.fake_score):
+            return condition_grad(self._consistency_eps(ctx), lambda x0: self.p.log_likelihood(x0, ctx),
+                                  x_t, t, self.schedule)
+
+    def generator_step(self) -> dict:
+        x, ctx = self.p.sample(self.batch_size, True)
+        t = self._t(len(x))
+        condition = None
+        if self.p.log_likelihood is not None:
+            condition = lambda x_t, t_: self._condition_grad(ctx, x_t, t_)  # noqa: E731
+        terms = generator_loss(x, t, self._eps(x), self.schedule,
+                               real_eps=lambda x_t, t_: self.p.real_eps(x_t, t_, ctx),
+                               fake_eps=lambda x_t, t_: self.p.fake_eps(x_t, t_, ctx),
+                               condition=condition, condition_weight=self.s.condition_weight,
+                               condition_t_max=self.cond_t_max, condition_on_x=self.s.condition_on_x)
+        self._check(terms.loss, "generator")
+        self.gen_opt.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        self.gen_opt.step()
+        self._reuse = (x.detach(), ctx)  # the first fake-score update trains on these samples
+        return {"loss_generator": terms.loss.item(), "fidelity_norm": terms.fidelity_norm,
+                "condition_norm": terms.condition_norm}
+
+    def fake_step(self, x: torch.Tensor, ctx) -> dict:
+        t = self._t(len(x))
+        loss_fake = fake_score_loss(lambda x_t, t_: self.p.fake_eps(x_t, t_, ctx), x, t, self._eps(x), self.schedule)
+        self._check(loss_fake, "fake score")
+        self.fake_opt.zero_grad(set_to_none=True)
+        loss_fake.backward()
+        self.fake_opt.step()
+
+        k = torch.randint(1, len(self.ladder), (len(x),), generator=self.rng)
+        with consistency_mode(self.p.fake_score):
+            loss_cons = consistency_loss(self._consistency_eps(ctx), self._target_eps(ctx), x, self._eps(x), k,
+                                         self.ladder, self.schedule)
+            self._check(loss_cons, "consistency")
+            grads = torch.autograd.grad(loss_cons, self.lora_params)  # the LoRA only, never the fake score
+        for p, g in zip(self.lora_params, grads):
+            p.grad = g
+        self.lora_opt.step()
+        self.lora_opt.zero_grad(set_to_none=True)
+        self.lora_target.step(self.lora_params)
+        return {"loss_fake_score": loss_fake.item(), "loss_consistency": loss_cons.item()}
+
+    def step(self) -> dict:
+        logs = self.generator_step()
+        for i in range(self.s.fake_steps):
+            if i == 0:
+                x, ctx = self._reuse
+            else:
+                with torch.no_grad():
+                    x, ctx = self.p.sample(self.batch_size, False)
+            logs.update(self.fake_step(x, ctx))
+        return logs
+
+    @staticmethod
+    def _check(loss: torch.Tensor, what: str) -> None:
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"{what} loss is {loss.item()}")
