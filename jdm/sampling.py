@@ -28,7 +28,8 @@ def sample_cfg(unet, scheduler_config, hidden, mask, null_hidden, null_mask, *, 
         inp = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
         extra = {}
         if controlnet is not None:
-            down, mid = controlnet(inp, t, encoder_hidden_states=ctx, encoder_attention_mask=ctx_mask,
+            # diffusers' ControlNetModel takes no encoder_attention_mask
+            down, mid = controlnet(inp, t, encoder_hidden_states=ctx,
                                    controlnet_cond=ctrl, conditioning_scale=conditioning_scale, return_dict=False)
             extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
         eps = unet(inp, t, encoder_hidden_states=ctx, encoder_attention_mask=ctx_mask, **extra).sample

@@ -61,6 +61,19 @@ class _NetworkCondition(Condition):
     def __init__(self, network: torch.nn.Module):
         self.network = network
 
+    @classmethod
+    def create(cls, params, models_dir: Path) -> "_NetworkCondition":
+        """The annotator of `params.annotators.<name>`: controlnet-aux weights from its `path`, or
+        the one the `annotator@<name>` stage wrote under `models_dir`."""
+        p = getattr(params.annotators, cls.name) if params is not None else None
+        if p is not None and p.source == "controlnet-aux":
+            return cls(cls.load_network(p.source, p.path))
+        return cls(cls.load_network("local", models_dir / "annotators" / cls.name))
+
+    @staticmethod
+    def load_network(source: str, path) -> torch.nn.Module:
+        raise NotImplementedError
+
     def _run(self, images: torch.Tensor) -> torch.Tensor:
         p = min(self.pad, images.shape[-1] - 1, images.shape[-2] - 1)
         x = F.pad(images, (p, p, p, p), mode="reflect")
@@ -77,28 +90,20 @@ class _NetworkCondition(Condition):
 class HED(_NetworkCondition):
     name = "hed"
 
-    @classmethod
-    def create(cls, params, models_dir: Path) -> "HED":
+    @staticmethod
+    def load_network(source: str, path):
         from ..annotators.hed import load_controlnet_aux_hed, load_hed
-
-        p = params.annotators.hed if params is not None else None
-        if p is not None and p.source == "controlnet-aux":
-            return cls(load_controlnet_aux_hed(p.path))
-        return cls(load_hed(models_dir / "annotators" / "hed"))
+        return load_controlnet_aux_hed(path) if source == "controlnet-aux" else load_hed(path)
 
 
 class Depth(_NetworkCondition):
     name = "depth"
     pad = 0  # the stand-in was trained on whole frames: reflect padding doubled its L1 error
 
-    @classmethod
-    def create(cls, params, models_dir: Path) -> "Depth":
+    @staticmethod
+    def load_network(source: str, path):
         from ..annotators.depth import load_controlnet_aux_midas, load_depth_net
-
-        p = params.annotators.depth if params is not None else None
-        if p is not None and p.source == "controlnet-aux":
-            return cls(load_controlnet_aux_midas(p.path))
-        return cls(load_depth_net(models_dir / "annotators" / "depth"))
+        return load_controlnet_aux_midas(path) if source == "controlnet-aux" else load_depth_net(path)
 
 
 class SuperResolution(Condition):

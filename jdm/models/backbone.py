@@ -35,7 +35,11 @@ class Backbone(torch.nn.Module):
             x = x.expand(-1, 3, -1, -1)
         return self.vae.encode(x).latent_dist.sample() * self.vae.config.scaling_factor
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
+    def decode_differentiable(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0,1] for a differentiable condition model: no clamp, so gradients never vanish."""
         if self.vae is not None:
             x = self.vae.decode(x / self.vae.config.scaling_factor).sample
-        return ((x + 1) / 2).clamp(0, 1)
+        return (x + 1) / 2
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode_differentiable(x).clamp(0, 1)

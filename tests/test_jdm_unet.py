@@ -1,0 +1,90 @@
+"""One JDM iteration on the real players (UNet + ControlNet generator, LoRA fake score), smoke-sized:
+which weights each update touches, and the frozen generator of phase 2."""
+
+import torch
+
+from jdm.conditions import load_condition
+from jdm.models.backbone import Backbone
+from jdm.models.lora import base_parameters, consistency_mode
+from jdm.models.unet import build_noise_scheduler, build_unet
+from jdm.objectives import VPSchedule
+from jdm.training.jdm import JDMSettings, JDMTrainer
+from jdm.training.phases import ControlData, build_fake_score, build_generator, unet_players
+
+
+def setup(smoke_params, freeze_unet: bool):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    p = smoke_params.teacher
+    teacher = build_unet(p.unet, 16, 1, 32).eval().requires_grad_(False)
+    schedule = VPSchedule.from_scheduler(build_noise_scheduler(p))
+    condition, backbone = load_condition("canny", smoke_params), Backbone(1)
+    images = torch.rand(32, 1, 16, 16, generator=g)
+    data = ControlData(condition.extract(images), torch.randint(1, 5, (32,), generator=g),
+                       torch.randn(5, 4, 32, generator=g), torch.ones(5, 4, dtype=torch.long))
+    generator = build_generator(teacher, schedule, condition, backbone, t_gen=900)
+    if freeze_unet:
+        generator.unet.requires_grad_(False)
+    fake, lora = build_fake_score(teacher, lora_rank=4)
+    players = unet_players(generator, teacher, fake, condition, data, backbone, g)
+    trainer = JDMTrainer(players, schedule, JDMSettings(fake_steps=2, condition_t_max=0.5),
+                         generator_optimizer=torch.optim.AdamW([q for q in generator.parameters() if q.requires_grad], lr=1e-3),
+                         fake_optimizer=torch.optim.AdamW(base_parameters(fake), lr=1e-3),
+                         lora_optimizer=torch.optim.AdamW(lora, lr=1e-3), lora_params=lora, batch_size=8, rng=g)
+    return trainer, generator, teacher, fake, lora, data
+
+
+def snapshot(params):
+    return [q.detach().clone() for q in params]
+
+
+def changed(before, params):
+    return any(not torch.equal(a, b.detach()) for a, b in zip(before, params))
+
+
+def test_controlnet_starts_as_a_no_op(smoke_params):
+    trainer, generator, _, _, _, data = setup(smoke_params, freeze_unet=False)
+    z = torch.randn(4, 1, 16, 16)
+    hidden, mask = data.hidden[data.prompt_ids[:4]], data.mask[data.prompt_ids[:4]]
+    with torch.no_grad():
+        plain = generator(z, hidden, mask)
+        controlled = generator(z, hidden, mask, {"canny": data.maps[:4]})
+    assert torch.equal(plain, controlled)  # zero convolutions: the control adds nothing until trained
+
+
+def test_phase1_updates_generator_controlnet_fake_score_and_lora_but_not_the_teacher(smoke_params):
+    trainer, generator, teacher, fake, lora, _ = setup(smoke_params, freeze_unet=False)
+    before = {k: snapshot(v) for k, v in {"unet": generator.unet.parameters(), "controlnet": generator.controlnets.parameters(),
+                                          "teacher": teacher.parameters(), "fake": base_parameters(fake), "lora": lora}.items()}
+    for _ in range(2):
+        logs = trainer.step()
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert logs["condition_norm"] > 0 and logs["fidelity_norm"] > 0
+    assert changed(before["unet"], generator.unet.parameters())
+    assert changed(before["controlnet"], generator.controlnets.parameters())
+    assert changed(before["fake"], base_parameters(fake)) and changed(before["lora"], lora)
+    assert not changed(before["teacher"], teacher.parameters())
+
+
+def test_phase2_leaves_the_generator_unet_byte_identical(smoke_params):
+    trainer, generator, _, _, _, _ = setup(smoke_params, freeze_unet=True)
+    unet_before = {k: v.clone() for k, v in generator.unet.state_dict().items()}
+    cn_before = snapshot(generator.controlnets.parameters())
+    for _ in range(2):
+        trainer.step()
+    assert all(torch.equal(unet_before[k], v) for k, v in generator.unet.state_dict().items())
+    assert changed(cn_before, generator.controlnets.parameters())
+
+
+def test_lora_switches_between_fake_score_and_consistency_model(smoke_params):
+    trainer, _, _, fake, lora, _ = setup(smoke_params, freeze_unet=False)
+    for q in lora:
+        torch.nn.init.normal_(q, std=0.1)
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([10, 500])
+    h, m = torch.randn(2, 4, 32), torch.ones(2, 4, dtype=torch.long)
+    with torch.no_grad():
+        off = fake(x, t, encoder_hidden_states=h, encoder_attention_mask=m).sample
+        with consistency_mode(fake):
+            on = fake(x, t, encoder_hidden_states=h, encoder_attention_mask=m).sample
+        off_again = fake(x, t, encoder_hidden_states=h, encoder_attention_mask=m).sample
+    assert not torch.allclose(on, off) and torch.equal(off, off_again)
