@@ -77,30 +77,24 @@ def run_annotator(params: Params, name: str) -> None:
     """hed: port the BSDS500 HED weights; depth: train the MiDaS stand-in; classifier: train it."""
     _setup(params)
     out_dir = ANNOTATORS / name
-    section = {"hed": "hed", "depth": "depth", "classifier": "classifier"}[name]
-    stage_params = {"seed": params.seed, "annotators": {section: getattr(params.annotators, section).model_dump(mode="json")}}
+    p = getattr(params.annotators, name)
+    stage_params = {"seed": params.seed, "annotators": {name: p.model_dump(mode="json")}}
     with stage_run(f"annotator-{name}", params.profile, stage_params) as mlflow:
         metrics = {}
         with atomic_dir(out_dir) as out:
-            if name == "hed":
-                p = params.annotators.hed
-                if p.source == "controlnet-aux":
-                    write_json({"source": "controlnet-aux", "path": p.path}, out / "source.json")
-                else:
-                    from .annotators.hed import save_hed
-                    save_hed(out)
+            if getattr(p, "source", None) == "controlnet-aux":
+                # paper scale: the conditions load controlnet-aux weights from p.path; record which
+                write_json({"source": "controlnet-aux", "path": p.path}, out / "source.json")
+            elif name == "hed":
+                from .annotators.hed import save_hed
+                save_hed(out)
             elif name == "depth":
-                p = params.annotators.depth
-                if p.source == "controlnet-aux":
-                    write_json({"source": "controlnet-aux", "path": p.path}, out / "source.json")
-                else:
-                    from .annotators.depth import save_depth_net, train_depth_net
-                    model, metrics = train_depth_net(steps=p.steps, batch_size=p.batch_size, lr=p.lr,
-                                                     size=params.data.image_size, seed=params.seed, log=_logger(mlflow))
-                    save_depth_net(model, out)
+                from .annotators.depth import save_depth_net, train_depth_net
+                model, metrics = train_depth_net(steps=p.steps, batch_size=p.batch_size, lr=p.lr,
+                                                 size=params.data.image_size, seed=params.seed, log=_logger(mlflow))
+                save_depth_net(model, out)
             else:
                 from .annotators.classifier import save_classifier, train_classifier
-                p = params.annotators.classifier
                 prepared = jdata.PreparedData.load(PREPARED)
                 train, held_out = prepared.split("train"), prepared.split("eval")
                 model, metrics = train_classifier(train.images, train.labels, held_out.images, held_out.labels,

@@ -7,6 +7,8 @@ import pytest
 from jdm.env import set_offline_env
 
 set_offline_env()
+# the `jdm` and `dvc` the tests start are this interpreter's, even when the venv is not activated
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -18,6 +18,10 @@ from jdm.training.jdm import JDMSettings, JDMTrainer, Players
 
 LORA_TARGETS = ["net.0", "net.2", "net.4", "net.6"]
 
+# 128-wide MLPs gain nothing from a second thread, and lose up to 40x when the other core is busy
+# (the conftest fixture puts 2 back for the next test)
+ONE_THREAD = 1
+
 
 def schedule():
     return VPSchedule.from_scheduler(DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"))
@@ -37,6 +41,7 @@ def pretrain_on_teacher(score: ToyScore, teacher_eps, data_sampler, sched: VPSch
 
 
 def train_jdm(with_condition: bool, steps: int = 2000, seed: int = 0):
+    torch.set_num_threads(ONE_THREAD)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     sched, mix = schedule(), GaussianMixture.ring()
@@ -107,6 +112,7 @@ def test_without_condition_term_the_control_is_ignored():
 def test_consistency_lora_learns_the_probability_flow_map_of_a_gaussian():
     """Data N(mu, s^2 I). The probability-flow ODE from (x_t, t) to t = 0 is the affine map
     mu + s / sqrt(alpha^2 s^2 + sigma^2) (x_t - alpha mu): what consistency training converges to."""
+    torch.set_num_threads(ONE_THREAD)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     sched = schedule()
