@@ -1,0 +1,35 @@
+"""The paper-scale loading code (`from_pretrained` on a local directory or hub id), tested on a local
+directory in SD 1.5's layout holding small randomly initialised models."""
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+from jdm.io import write_json
+from jdm.models.teacher import build_backbone, load_teacher
+
+
+def test_pretrained_teacher_and_vae_load_from_a_local_pipeline_dir(tmp_path, smoke_params):
+    sd = tmp_path / "sd-tiny"
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                         norm_num_groups=8, cross_attention_dim=32).save_pretrained(sd / "unet")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(sd / "scheduler")
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  norm_num_groups=8, layers_per_block=1).save_pretrained(sd / "vae")
+
+    teacher_dir = tmp_path / "models" / "teacher"
+    teacher_dir.mkdir(parents=True)
+    write_json({"pretrained": str(sd)}, teacher_dir / "pretrained.json")  # what the teacher stage writes for sd15
+    unet, scheduler = load_teacher(teacher_dir)
+    assert unet.config.in_channels == 4 and scheduler.config.beta_schedule == "scaled_linear"
+    assert not any(p.requires_grad for p in unet.parameters())
+
+    params = smoke_params.model_copy(update={"teacher": smoke_params.teacher.model_copy(update={"pretrained": str(sd)})})
+    backbone = build_backbone(params)
+    assert backbone.factor == 8 and backbone.channels == 4
+    pixels = torch.rand(2, 1, 64, 64)  # gray data into SD's RGB autoencoder
+    latents = backbone.encode(pixels)
+    assert latents.shape == (2, 4, 8, 8)
+    assert backbone.decode(latents).shape == (2, 3, 64, 64)
