@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jdm.annotators import weights_file
 from jdm.io import load_tensors, save_tensors, write_json
 
 DEPTH_FILE = "depth.safetensors"
@@ -433,34 +433,6 @@ class MidasDepth(nn.Module):
         return normalize_per_image(depth)
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def _midas_checkpoint(path_or_hub_id: str) -> Path:
-    """The checkpoint's path: in a local directory, or (for a hub id) in the local Hugging Face cache only."""
-    directory = Path(path_or_hub_id)
-    if directory.is_dir():
-        model_path = directory / MIDAS_FILE
-        if not model_path.is_file():
-            raise FileNotFoundError(f"{model_path} does not exist: put the DPT-Hybrid checkpoint {MIDAS_FILE} "
-                                    f"in {directory}")
-        return model_path
-    if not directory.exists() and _HUB_ID.fullmatch(path_or_hub_id):
-        from huggingface_hub import hf_hub_download
-
-        # the file names MidasDetector.from_pretrained looks for; local_files_only: never the network
-        filename = "annotator/ckpts/" + MIDAS_FILE if path_or_hub_id == "lllyasviel/ControlNet" else MIDAS_FILE
-        try:
-            return Path(hf_hub_download(path_or_hub_id, filename, local_files_only=True))
-        except Exception as e:  # not cached (or no such repo): say what was expected where
-            raise FileNotFoundError(
-                f"{path_or_hub_id}: no local directory of that name, and {filename} of hub repo "
-                f"{path_or_hub_id} is not in the local Hugging Face cache (nothing is downloaded): "
-                f"pass a directory holding {MIDAS_FILE}") from e
-    raise FileNotFoundError(f"MiDaS directory {directory} does not exist: expected a local directory "
-                            f"holding {MIDAS_FILE}")
-
-
 def load_controlnet_aux_midas(path_or_hub_id: str, detect_resolution: int = 384) -> MidasDepth:
     """MiDaS DPT-Hybrid as a frozen eval-mode `MidasDepth`, from a local directory holding
     `dpt_hybrid-midas-501f0c75.pt` (what `MidasDetector.from_pretrained(dir)` reads) or a hub id
@@ -471,7 +443,9 @@ def load_controlnet_aux_midas(path_or_hub_id: str, detect_resolution: int = 384)
     backbone is built with `pretrained=False` (no download) and the checkpoint is read with
     `weights_only=True`, then loaded strictly.
     """
-    model_path = _midas_checkpoint(path_or_hub_id)
+    # MidasDetector.from_pretrained looks for this path inside the lllyasviel/ControlNet repo
+    hub_name = "annotator/ckpts/" + MIDAS_FILE if path_or_hub_id == "lllyasviel/ControlNet" else None
+    model_path = weights_file(path_or_hub_id, MIDAS_FILE, hub_name)
     # read before building: a bad file fails fast, and weights_only refuses anything but tensors and containers
     state = torch.load(model_path, map_location="cpu", weights_only=True)
     if "optimizer" in state:  # a training checkpoint, as BaseModel.load handles

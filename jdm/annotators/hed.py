@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jdm.annotators import weights_file
 from jdm.io import load_tensors, save_tensors
 
 HED_FILE = "hed.safetensors"
@@ -189,29 +190,6 @@ class ControlNetAuxHED(nn.Module):
         return torch.sigmoid(torch.stack(sides).mean(0))
 
 
-def _controlnet_hed_file(path_or_hub_id: str) -> Path:
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir():
-        file = path / CONTROLNET_HED_FILE
-        if not file.is_file():
-            raise FileNotFoundError(f"{path} has no {CONTROLNET_HED_FILE} (controlnet-aux's HED weights)")
-        return file
-    if path.is_file():
-        return path
-    looks_like_hub_id = path_or_hub_id.count("/") == 1 and not path_or_hub_id.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
-        raise FileNotFoundError(f"{path}: no such directory; expected a directory holding {CONTROLNET_HED_FILE}")
-    # As HEDdetector.from_pretrained: a hub id; with HF_HUB_OFFLINE=1 this only reads the local cache
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(path_or_hub_id, CONTROLNET_HED_FILE))
-    except Exception as e:
-        raise FileNotFoundError(
-            f"{path_or_hub_id} is neither a directory holding {CONTROLNET_HED_FILE} "
-            f"nor a hub repository with it in the local cache: {e}") from e
-
-
 def load_controlnet_aux_hed(path_or_hub_id: str) -> ControlNetAuxHED:
     """Load `ControlNetHED.pth` (a directory, the file itself, or a cached hub id such as lllyasviel/Annotators).
 
@@ -220,7 +198,7 @@ def load_controlnet_aux_hed(path_or_hub_id: str) -> ControlNetAuxHED:
     """
     from controlnet_aux.hed import ControlNetHED_Apache2
 
-    file = _controlnet_hed_file(path_or_hub_id)
+    file = weights_file(path_or_hub_id, CONTROLNET_HED_FILE)
     net = ControlNetHED_Apache2()
     net.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
     return _freeze(ControlNetAuxHED(net.float()))
