@@ -13,8 +13,9 @@ set_offline_env()  # before any tool that might phone home is imported
 
 from .errors import UserError  # noqa: E402
 from .config import PROFILES, ParamsError, load_params, profile_path  # noqa: E402
+from .training.errors import TrainingDiverged  # noqa: E402
 
-STAGES = ("data", "annotator", "conditions", "teacher", "evaluate-teacher")
+STAGES = ("data", "annotator", "conditions", "teacher", "evaluate-teacher", "warmup", "extend")
 
 
 def cmd_profile(args) -> None:
@@ -50,6 +51,46 @@ def cmd_stage(args) -> None:
         stages.run_teacher(params)
     elif args.command == "evaluate-teacher":
         stages.run_evaluate_teacher(params)
+    elif args.command in ("warmup", "extend"):
+        from .conditions import resolve_condition_class
+        name = params.warmup.condition if args.command == "warmup" else args.name
+        resolve_condition_class(name)  # an unknown name fails before any work
+        stages.run_jdm_phase(params, name, args.command)
+
+
+def _read_control(path: str) -> "torch.Tensor":
+    """A control map image as [1, C, H, W] in [0,1]: grayscale PNG -> 1 channel, RGB -> 3."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    try:
+        image = Image.open(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"control map {path!r} is not a readable image ({err})") from None
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("RGB" if len(image.getbands()) >= 3 else "L")
+    array = np.asarray(image, dtype=np.float32) / 255
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return torch.from_numpy(array.copy())[None]
+
+
+def cmd_sample(args) -> None:
+    """One-step generation: prompt + one or more control maps -> image (NFE 1)."""
+    import torch
+    from PIL import Image
+
+    from .pipeline import OneStepControlPipeline
+
+    if len(args.condition) != len(args.control):
+        raise UserError(f"give one --control per --condition (got {len(args.condition)} conditions, "
+                        f"{len(args.control)} control maps)")
+    pipe = OneStepControlPipeline.from_workspace(args.models, args.condition)
+    controls = {c: _read_control(f) for c, f in zip(args.condition, args.control)}
+    image = pipe([args.prompt], controls, generator=torch.Generator().manual_seed(args.seed))[0]
+    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(args.out)
+    print(f"wrote {args.out} ({'+'.join(args.condition)}, 1 network evaluation)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,9 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"run the `{name}` stage (DVC calls this)")
         if name == "annotator":
             p.add_argument("name", choices=("hed", "depth", "classifier"))
-        if name == "conditions":
+        if name in ("conditions", "extend"):
             p.add_argument("name", help="a built-in condition or a plugin 'package.module:Class'")
         p.set_defaults(func=cmd_stage)
+    p = sub.add_parser("sample", help="one-step controllable generation from a trained generator")
+    p.add_argument("--condition", action="append", required=True,
+                   help="condition of the control map (repeat with --control for several controls)")
+    p.add_argument("--control", action="append", required=True, help="control map image (PNG), one per --condition")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True, help="output image path")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models", default="models/jdm",
+                   help="folder with generator/ (from the warm-up) and controlnet-<condition>/ (from extensions)")
+    p.set_defaults(func=cmd_sample)
     return parser
 
 
@@ -76,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UserError, FileNotFoundError) as err:
+    except (UserError, FileNotFoundError, TrainingDiverged) as err:
         print(f"jdm {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -147,6 +147,50 @@ class EvaluationParams(Section):
     inception_fid: bool = True
 
 
+class JDMParams(Section):
+    """The JDM objective, players and optimisers, shared by both warm-up phases (method.md)."""
+    # the one-step generator runs the UNet at this timestep; SD 1.5 uses 999 (alpha ~ 0.07); on the
+    # cosine schedule alpha_999 ~ 5e-5 would divide the noise prediction by ~0, so tiny uses 950 (alpha ~ 0.08)
+    t_gen: int = Field(950, ge=1)
+    lora_rank: PositiveInt = 8
+    condition_weight: float = Field(1.0, ge=0.0)
+    # the condition term only for t <= condition_t_max * T (method.md: it diverges at high t); null = all t
+    condition_t_max: Optional[float] = Field(0.2, gt=0.0, le=1.0)
+    condition_on_x: bool = False          # ablation: grad log p(c | x) on the output, not via f(x_t, t)
+    t_min: float = Field(0.02, ge=0.0, lt=1.0)
+    t_max: float = Field(0.98, gt=0.0, le=1.0)
+    fake_steps: PositiveInt = 2           # fake-score / LoRA updates per generator update (TTUR)
+    consistency_steps: int = Field(20, ge=2)
+    consistency_ema: float = Field(0.99, ge=0.0, lt=1.0)
+    batch_size: PositiveInt = 32
+    generator_lr: PositiveFloat = 1e-4
+    controlnet_lr: PositiveFloat = 1e-4
+    fake_lr: PositiveFloat = 1e-4
+    lora_lr: PositiveFloat = 1e-3
+    adam_betas: tuple[float, float] = (0.0, 0.99)   # DMD2's choice for the generator and the fake score
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)   # EMA of the trained generator weights; 0 = none
+    prompt_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    checkpoint_every: PositiveInt = 50
+    log_every: PositiveInt = 10
+    eval_samples: PositiveInt = 256       # held-out control maps scored after training
+    eval_every: int = Field(0, ge=0)      # also score 64 of them every N steps (0 = only at the end)
+
+    @model_validator(mode="after")
+    def _t_range(self):
+        if self.t_min >= self.t_max:
+            raise ValueError(f"jdm.t_min ({self.t_min}) must be below jdm.t_max ({self.t_max})")
+        return self
+
+
+class WarmupParams(Section):
+    condition: str = "canny"              # the primary condition: a built-in name or 'package.module:Class'
+    steps: PositiveInt = 300
+
+
+class ExtendParams(Section):
+    steps: PositiveInt = 200
+
+
 class Params(Section):
     profile: Literal["smoke", "tiny", "sd15"]
     seed: int = 0
@@ -157,6 +201,16 @@ class Params(Section):
     conditions: ConditionParams = ConditionParams()
     teacher: TeacherParams
     evaluation: EvaluationParams = EvaluationParams()
+    jdm: JDMParams = JDMParams()
+    warmup: WarmupParams = WarmupParams()
+    extend: ExtendParams = ExtendParams()
+
+    @model_validator(mode="after")
+    def _t_gen_in_schedule(self):
+        if self.jdm.t_gen >= self.teacher.num_train_timesteps:
+            raise ValueError(f"jdm.t_gen ({self.jdm.t_gen}) must be below teacher.num_train_timesteps "
+                             f"({self.teacher.num_train_timesteps})")
+        return self
 
 
 def _allowed(model: type[BaseModel], loc: tuple) -> str:

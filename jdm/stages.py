@@ -13,6 +13,7 @@ import torch
 from . import data as jdata
 from .config import Params
 from .io import atomic_dir, save_tensors, write_json
+from .pipeline import condition_slug
 from .tracking import image_grid, stage_run
 
 PREPARED = Path("data/prepared")
@@ -20,6 +21,10 @@ CONDITIONS = Path("data/conditions")
 MODELS = Path("models")
 ANNOTATORS = MODELS / "annotators"
 TEACHER = MODELS / "teacher"
+JDM_MODELS = MODELS / "jdm"
+GENERATOR = JDM_MODELS / "generator"
+FAKE_SCORE = JDM_MODELS / "fake_score"
+CHECKPOINTS = Path("checkpoints")
 METRICS = Path("metrics")
 
 
@@ -122,7 +127,7 @@ def run_conditions(params: Params, name: str) -> None:
             n = len(s) if limit is None else min(limit, len(s))
             chunks = [cond.extract(s.pixels(slice(i, min(n, i + p.batch_size)))) for i in range(0, n, p.batch_size)]
             maps[split] = (torch.cat(chunks).clamp(0, 1) * 255).round().to(torch.uint8)
-        with atomic_dir(CONDITIONS / name) as out:
+        with atomic_dir(CONDITIONS / condition_slug(name)) as out:
             save_tensors(maps, out / "maps.safetensors", metadata={"condition": name, "channels": cond.channels})
         seconds = time.perf_counter() - start
         held_out = prepared.split("eval")
@@ -139,7 +144,10 @@ def load_condition_maps(name: str) -> dict[str, torch.Tensor]:
     """Condition maps as float [N,C,H,W] in [0,1] for the 'train' prefix and the 'eval' split."""
     from .io import load_tensors
 
-    return {k: v.float() / 255 for k, v in load_tensors(CONDITIONS / name / "maps.safetensors").items()}
+    path = CONDITIONS / condition_slug(name) / "maps.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"no condition maps at {path}: run `jdm conditions {name}` (or `dvc repro conditions@{name}`)")
+    return {k: v.float() / 255 for k, v in load_tensors(path).items()}
 
 
 def run_teacher(params: Params) -> None:
@@ -214,3 +222,127 @@ def run_evaluate_teacher(params: Params) -> None:
         mlflow.log_image(image_grid(samples[:80][order], nrow=8), "teacher_samples.png")
         write_json(metrics, METRICS / "teacher.json")
         print(f"evaluate-teacher: {json.dumps(metrics)}")
+
+
+def controlnet_dir(name: str) -> Path:
+    return JDM_MODELS / f"controlnet-{condition_slug(name)}"
+
+
+def _control_data(prepared, name: str):
+    from .training.phases import ControlData
+
+    maps = load_condition_maps(name)
+    hidden, mask = prepared.embeddings()
+    train_pids = prepared.split("train").prompt_ids[:len(maps["train"])]
+    return ControlData(maps["train"], train_pids, hidden, mask), maps["eval"]
+
+
+@torch.no_grad()
+def evaluate_control(generator, condition, backbone, eval_maps, prepared, classifier, num: int, seed: int):
+    """One-step samples for held-out control maps (with the prompt of the image each map came from):
+    consistency with the ControlNet and with it removed, prompt accuracy, and a grid (map | with | without)."""
+    from .annotators.classifier import predict
+    from .metrics import consistency
+
+    held_out = prepared.split("eval")
+    num = min(num, len(eval_maps))
+    maps, pid = eval_maps[:num], held_out.prompt_ids[:num]
+    hidden, mask = prepared.embeddings()
+    classes = torch.tensor(prepared.prompt_classes)[pid]
+    g = torch.Generator().manual_seed(seed)
+    size = maps.shape[-1] // backbone.factor
+    z = torch.randn((num, backbone.channels, size, size), generator=g)
+    was_training = generator.training
+    generator.eval()
+    samples = {}
+    for key, controls in (("controlled", {condition.name: maps}), ("uncontrolled", {})):
+        samples[key] = torch.cat([backbone.decode(generator(z[i:i + 64], hidden[pid[i:i + 64]], mask[pid[i:i + 64]],
+                                                           {k: v[i:i + 64] for k, v in controls.items()}))
+                                  for i in range(0, num, 64)])
+    metrics = {"num_eval_maps": num,
+               "consistency": consistency(condition, samples["controlled"], maps),
+               "consistency_without_controlnet": consistency(condition, samples["uncontrolled"], maps),
+               "prompt_accuracy": (predict(classifier, samples["controlled"]) == classes).float().mean().item()}
+    generator.train(was_training)
+    k = min(num, 8)
+    show = lambda x: x[:k].expand(-1, 3, -1, -1) if x.shape[1] != 3 else x[:k]  # noqa: E731
+    grid = image_grid(torch.cat([show(maps), show(samples["controlled"]), show(samples["uncontrolled"])]), nrow=k)
+    return metrics, grid
+
+
+def _phase_settings(params: Params, stage: str, condition: str) -> dict:
+    """What a checkpoint must agree with to be resumed: this stage's params and the condition."""
+    return {**_section(params, "jdm", stage, "teacher", "conditions"), "condition": condition}
+
+
+def run_jdm_phase(params: Params, name: str, phase: str) -> None:
+    """`warmup` (phase 1: generator UNet + the primary ControlNet) or `extend` (phase 2: a new
+    ControlNet on the frozen generator). Both train with the JDM objective, checkpoint and resume,
+    save diffusers folders, and score the control on held-out maps."""
+    from .annotators.classifier import load_classifier
+    from .conditions import load_condition
+    from .models.fake_score import build_fake_score, load_fake_score, save_fake_score
+    from .models.teacher import build_backbone, load_teacher
+    from .objectives import VPSchedule
+    from .pipeline import load_generator, save_controlnet, save_generator
+    from .training.checkpoint import remove_checkpoint
+    from .training.phases import build_generator, train_phase
+
+    _setup(params)
+    p = params.jdm
+    condition = load_condition(name, params, MODELS)
+    prepared = jdata.PreparedData.load(PREPARED)
+    data, eval_maps = _control_data(prepared, name)
+    condition.check_map(data.maps[:1], params.data.image_size)
+    classifier = load_classifier(ANNOTATORS / "classifier")
+    teacher_unet, noise_scheduler = load_teacher(TEACHER)
+    schedule = VPSchedule.from_scheduler(noise_scheduler)
+    backbone = build_backbone(params)
+    if phase == "warmup":
+        steps, shared_unet = params.warmup.steps, None
+        fake, lora = build_fake_score(teacher_unet, p.lora_rank)
+    else:
+        steps = params.extend.steps
+        shared_unet = load_generator(GENERATOR, primary=False)[0].unet
+        # the warm-up's fake score already models this generator's distribution: start from it
+        fake, lora = load_fake_score(FAKE_SCORE, p.lora_rank)
+    generator = build_generator(teacher_unet, schedule, condition, backbone, p.t_gen, unet=shared_unet)
+    unet_before = {k: v.clone() for k, v in generator.unet.state_dict().items()} if shared_unet is not None else None
+    stage_params = _section(params, "jdm", phase)
+    ckpt_dir = CHECKPOINTS / (phase if phase == "warmup" else f"extend-{condition_slug(name)}")
+    with stage_run(phase, params.profile, stage_params, condition=name) as mlflow:
+        start = time.perf_counter()
+        result = train_phase(generator, teacher_unet, fake, lora, condition, data, backbone, schedule, p, steps,
+                             train_unet=shared_unet is None, seed=params.seed, checkpoint_dir=ckpt_dir,
+                             settings=_phase_settings(params, phase, name), log=_logger(mlflow),
+                             evaluate=lambda: {f"eval_{k}": v for k, v in evaluate_control(
+                                 generator, condition, backbone, eval_maps, prepared, classifier, 64,
+                                 params.seed)[0].items() if k != "num_eval_maps"})
+        train_seconds = time.perf_counter() - start
+        metrics, grid = evaluate_control(generator, condition, backbone, eval_maps, prepared, classifier,
+                                         p.eval_samples, params.seed)
+        metrics.update(train_seconds=train_seconds, steps=steps, resumed_from_step=result.resumed_from)
+        if unet_before is not None:
+            # phase 2 must not touch the shared generator: checked on every run, not assumed
+            same = all(torch.equal(unet_before[k], v) for k, v in generator.unet.state_dict().items())
+            if not same:
+                raise RuntimeError("the frozen generator UNet changed during the extension phase")
+            metrics["generator_unchanged"] = 1.0
+        if phase == "warmup":
+            meta = {"image_size": params.data.image_size, "image_channels": backbone.image_channels,
+                    "vae": params.teacher.pretrained, "primary_condition": name,
+                    "text_encoder": params.text_encoder.model_dump(mode="json")}
+            with atomic_dir(GENERATOR) as out:
+                save_generator(generator, noise_scheduler, out, meta)
+            with atomic_dir(FAKE_SCORE) as out:
+                save_fake_score(fake, out)
+            metrics_file = METRICS / "warmup.json"
+        else:
+            with atomic_dir(controlnet_dir(name)) as out:
+                save_controlnet(generator.controlnet(condition.name), name, out)
+            metrics_file = METRICS / f"extend-{condition_slug(name)}.json"
+        mlflow.log_metrics(metrics)
+        mlflow.log_image(grid, f"{condition_slug(name)}_map_controlled_uncontrolled.png")
+        write_json({"condition": name, **metrics}, metrics_file)
+        print(f"{phase} {name}: {json.dumps(metrics)}")
+    remove_checkpoint(ckpt_dir)  # the outputs are saved: the checkpoint has done its job

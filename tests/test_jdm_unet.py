@@ -9,7 +9,8 @@ from jdm.models.lora import base_parameters, consistency_mode
 from jdm.models.unet import build_noise_scheduler, build_unet
 from jdm.objectives import VPSchedule
 from jdm.training.jdm import JDMSettings, JDMTrainer
-from jdm.training.phases import ControlData, build_fake_score, build_generator, unet_players
+from jdm.models.fake_score import build_fake_score
+from jdm.training.phases import ControlData, build_generator, unet_players
 
 
 def setup(smoke_params, freeze_unet: bool):

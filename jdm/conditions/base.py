@@ -17,7 +17,8 @@ class Condition:
       the image, so one ControlNet input shape serves every condition).
     - `surrogate(images)`: a differentiable stand-in for `extract` (itself, where it is differentiable).
     - `log_likelihood(x, c)`: differentiable `log p(c | x)` per sample, a Laplace likelihood
-      `-mean|h(x) - c| / tau` (method.md), used for `grad log p(c | x_t)` in JDM.
+      `-||h(x) - c||_1 / tau` (method.md), used for `grad log p(c | x_t)` in JDM. The norm is a sum
+      over pixels, not a mean: the gradient per pixel then does not shrink as the resolution grows.
     """
 
     name: str = "condition"
@@ -35,7 +36,7 @@ class Condition:
         return self.extract(images)
 
     def log_likelihood(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return -(self.surrogate(x) - c).abs().mean(dim=(1, 2, 3)) / self.tau
+        return -(self.surrogate(x) - c).abs().flatten(1).sum(1) / self.tau
 
     def check_map(self, c: torch.Tensor, image_size: int) -> None:
         """Reject a control map of the wrong shape before it reaches a network."""

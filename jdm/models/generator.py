@@ -32,8 +32,13 @@ class OneStepGenerator(torch.nn.Module):
                  t_gen: int):
         super().__init__()
         self.unet = unet
-        self.controlnets = torch.nn.ModuleDict(controlnets)
+        # ModuleDict keys cannot hold '.', which plugin names ('pkg.mod:Cls') do
+        self.names = {name: name.replace(".", "_").replace(":", "__") for name in controlnets}
+        self.controlnets = torch.nn.ModuleDict({self.names[n]: net for n, net in controlnets.items()})
         self.schedule, self.t_gen = schedule, t_gen
+
+    def controlnet(self, name: str) -> ControlNetModel:
+        return self.controlnets[self.names[name]]
 
     def forward(self, z: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor,
                 controls: dict[str, torch.Tensor] | None = None, scales: dict[str, float] | None = None) -> torch.Tensor:
@@ -42,7 +47,7 @@ class OneStepGenerator(torch.nn.Module):
         down, mid = None, None
         for name, control in (controls or {}).items():
             # diffusers' ControlNetModel takes no encoder_attention_mask: it attends to padding tokens too
-            d, m = self.controlnets[name](z, t, encoder_hidden_states=hidden,
+            d, m = self.controlnet(name)(z, t, encoder_hidden_states=hidden,
                                           controlnet_cond=control, conditioning_scale=(scales or {}).get(name, 1.0),
                                           return_dict=False)
             down = list(d) if down is None else [a + b for a, b in zip(down, d)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -15,12 +16,9 @@ from ..conditions import Condition
 from ..data import EMPTY_PROMPT_ID
 from ..models.backbone import Backbone
 from ..models.generator import OneStepGenerator, controlnet_from_unet
-from ..models.lora import add_consistency_lora
 from ..objectives import VPSchedule
+from .errors import TrainingDiverged
 from .jdm import Players
-
-# LCM-LoRA's targets: attention projections and the convolutions, where a small UNet keeps its capacity
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "time_emb_proj"]
 
 
 @dataclass
@@ -40,12 +38,6 @@ def build_generator(teacher_unet, schedule: VPSchedule, condition: Condition, ba
     unet = copy.deepcopy(teacher_unet).requires_grad_(True) if unet is None else unet
     controlnet = controlnet_from_unet(unet, condition.channels, backbone.factor)
     return OneStepGenerator(unet, {condition.name: controlnet}, schedule, t_gen)
-
-
-def build_fake_score(teacher_unet, lora_rank: int):
-    fake = copy.deepcopy(teacher_unet).requires_grad_(True)
-    lora = add_consistency_lora(fake, lora_rank, LORA_TARGETS)
-    return fake, lora
 
 
 def unet_players(generator: OneStepGenerator, teacher_unet, fake_score, condition: Condition, data: ControlData,
@@ -71,3 +63,79 @@ def unet_players(generator: OneStepGenerator, teacher_unet, fake_score, conditio
 
     return Players(sample=sample, real_eps=eps_of(teacher_unet), fake_eps=eps_of(fake_score), fake_score=fake_score,
                    log_likelihood=lambda x0, ctx: condition.log_likelihood(backbone.decode_differentiable(x0), ctx["control"]))
+
+
+@dataclass
+class PhaseResult:
+    steps: int
+    resumed_from: int
+    last_logs: dict
+
+
+def _adam(groups, p) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, betas=tuple(p.adam_betas), weight_decay=0.0)
+
+
+def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: list[torch.nn.Parameter],
+                condition: Condition, data: ControlData, backbone: Backbone, schedule: VPSchedule, p, steps: int, *,
+                train_unet: bool, seed: int, checkpoint_dir, settings: dict, log,
+                evaluate: Callable[[], dict] | None = None) -> PhaseResult:
+    """Run one warm-up phase for `steps` JDM iterations (p: the `jdm` params section).
+
+    Phase 1 (`train_unet=True`) trains the generator UNet and the ControlNet; phase 2 only the
+    ControlNet (the UNet is frozen and never handed to an optimiser). Checkpoints every
+    `p.checkpoint_every` steps into `checkpoint_dir` and resumes from there; at the end the generator
+    holds its EMA weights when `p.ema_decay` > 0. `evaluate()` (held-out scores) is logged every
+    `p.eval_every` steps, so a run's control can be watched taking hold in MLflow.
+    """
+    from diffusers.training_utils import EMAModel
+
+    from ..models.lora import base_parameters
+    from .checkpoint import Checkpointer
+    from .jdm import JDMSettings, JDMTrainer
+
+    rng = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    generator.unet.requires_grad_(train_unet)
+    trained = list(generator.controlnets.parameters()) + (list(generator.unet.parameters()) if train_unet else [])
+    groups = [{"params": list(generator.controlnets.parameters()), "lr": p.controlnet_lr}]
+    if train_unet:
+        groups.append({"params": list(generator.unet.parameters()), "lr": p.generator_lr})
+    players = unet_players(generator, teacher_unet, fake_score, condition, data, backbone, rng, p.prompt_dropout)
+    jdm_settings = JDMSettings(condition_weight=p.condition_weight, condition_t_max=p.condition_t_max,
+                               condition_on_x=p.condition_on_x, t_min=p.t_min, t_max=p.t_max, fake_steps=p.fake_steps,
+                               consistency_steps=p.consistency_steps, consistency_ema=p.consistency_ema)
+    trainer = JDMTrainer(players, schedule, jdm_settings, generator_optimizer=_adam(groups, p),
+                         fake_optimizer=_adam([{"params": base_parameters(fake_score), "lr": p.fake_lr}], p),
+                         lora_optimizer=_adam([{"params": lora, "lr": p.lora_lr}], p), lora_params=lora,
+                         batch_size=p.batch_size, rng=rng)
+    ema = EMAModel(trained, decay=p.ema_decay) if p.ema_decay else None
+    stateful = {"controlnets": generator.controlnets, "fake_score": fake_score, "lora_target": trainer.lora_target,
+                "generator_optimizer": trainer.gen_opt, "fake_optimizer": trainer.fake_opt,
+                "lora_optimizer": trainer.lora_opt}
+    if train_unet:
+        stateful["unet"] = generator.unet
+    if ema is not None:
+        stateful["generator_ema"] = ema
+    checkpoints = Checkpointer(checkpoint_dir, settings, p.checkpoint_every, stateful, {"data": rng})
+    start = checkpoints.restore()
+    if start:
+        print(f"resumed from the checkpoint of step {start} in {checkpoint_dir}", flush=True)
+    logs: dict = {}
+    for step in range(start + 1, steps + 1):
+        try:
+            logs = trainer.step()
+        except FloatingPointError as err:
+            kept = (f"the checkpoint of step {checkpoints.last_step} is kept in {checkpoint_dir}"
+                    if checkpoints.last_step else "no checkpoint had been written yet")
+            raise TrainingDiverged(f"training diverged at step {step}: {err}; {kept}") from None
+        if ema is not None:
+            ema.step(trained)
+        if step % p.log_every == 0 or step == steps:
+            log(step, logs)
+        if evaluate is not None and p.eval_every and step % p.eval_every == 0:
+            log(step, evaluate())
+        checkpoints.maybe_save(step)
+    if ema is not None:
+        ema.copy_to(trained)
+    return PhaseResult(steps=steps, resumed_from=start, last_logs=logs)
