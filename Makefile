@@ -1,4 +1,5 @@
-# One command each: `make run` (the embedded default, end to end), `make test`, `make ui`.
+# One command each: `make run` (the embedded default, end to end), `make test`, `make ui`,
+# `make serve` / `make stop` (Prefect server + worker + MLflow server on 127.0.0.1).
 # Both install everything first, once: a stamp in .venv records what was installed.
 SHELL := /bin/bash
 PROFILE ?= tiny
@@ -17,7 +18,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run test ui clean-outputs
+.PHONY: install run test ui serve stop remote clean-outputs
 
 install: $(STAMP)
 
@@ -39,3 +40,16 @@ test: install
 
 ui: install
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $${PORT:-5000}
+
+serve: install
+	$(BIN)/python infra/services.py serve --prefect-port $${PREFECT_PORT:-4200} --mlflow-port $${MLFLOW_PORT:-5000}
+
+stop:
+	$(BIN)/python infra/services.py stop
+
+# the team's S3 remote for DVC, in .dvc/config.local (not committed): make remote S3_URL=s3://bucket/dvc
+# [S3_ENDPOINT=http://minio:9000]. Credentials come from the AWS environment / ~/.aws, never a file here.
+remote:
+	@test -n "$(S3_URL)" || { echo "usage: make remote S3_URL=s3://bucket/prefix [S3_ENDPOINT=http://host:port]"; exit 2; }
+	dvc remote add --local --default --force team $(S3_URL)
+	$(if $(S3_ENDPOINT),dvc remote modify --local team endpointurl $(S3_ENDPOINT))

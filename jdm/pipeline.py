@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
+from .conditions import condition_slug
 from .errors import UserError
 from .io import write_json
 from .models.backbone import Backbone
@@ -29,11 +30,6 @@ from .objectives import VPSchedule
 
 GENERATOR_CONFIG = "jdm.json"
 CONDITION_CONFIG = "condition.json"
-
-
-def condition_slug(name: str) -> str:
-    """A folder-safe name: built-ins as they are, plugins 'pkg.mod:Cls' as 'pkg.mod-Cls'."""
-    return name.replace(":", "-")
 
 
 def save_generator(generator: OneStepGenerator, noise_scheduler, out_dir: Path, meta: dict) -> None:

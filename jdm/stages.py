@@ -13,7 +13,7 @@ import torch
 from . import data as jdata
 from .config import Params
 from .io import atomic_dir, save_tensors, write_json
-from .pipeline import condition_slug
+from .conditions import condition_slug
 from .tracking import image_grid, stage_run
 
 PREPARED = Path("data/prepared")
@@ -151,11 +151,19 @@ def load_condition_maps(name: str) -> dict[str, torch.Tensor]:
 
 
 def run_teacher(params: Params) -> None:
+    """Single process, or several under `accelerate launch`: all train, the main process records and saves."""
+    from accelerate import PartialState
+
     from .models.teacher import build_backbone, save_teacher
     from .training.teacher import train_teacher
 
     _setup(params)
     p = params.teacher
+    if not PartialState().is_main_process:
+        if not p.pretrained:
+            prepared = jdata.PreparedData.load(PREPARED)
+            train_teacher(p, prepared.split("train"), prepared.embeddings(), build_backbone(params), seed=params.seed)
+        return
     with stage_run("teacher", params.profile, _section(params, "teacher")) as mlflow:
         with atomic_dir(TEACHER) as out:
             if p.pretrained:
@@ -167,7 +175,8 @@ def run_teacher(params: Params) -> None:
                 unet, noise_scheduler = train_teacher(p, prepared.split("train"), prepared.embeddings(),
                                                       build_backbone(params), seed=params.seed, log=_logger(mlflow))
                 metrics = {"train_seconds": time.perf_counter() - start,
-                           "num_parameters": sum(q.numel() for q in unet.parameters())}
+                           "num_parameters": sum(q.numel() for q in unet.parameters()),
+                           "num_processes": PartialState().num_processes}
                 save_teacher(unet, noise_scheduler, out)
         mlflow.log_metrics(metrics)
         write_json(metrics, METRICS / "teacher-train.json")
@@ -337,10 +346,12 @@ def run_jdm_phase(params: Params, name: str, phase: str) -> None:
             with atomic_dir(FAKE_SCORE) as out:
                 save_fake_score(fake, out)
             metrics_file = METRICS / "warmup.json"
+            mlflow.log_artifacts(str(GENERATOR), "generator")
         else:
             with atomic_dir(controlnet_dir(name)) as out:
                 save_controlnet(generator.controlnet(condition.name), name, out)
             metrics_file = METRICS / f"extend-{condition_slug(name)}.json"
+            mlflow.log_artifacts(str(controlnet_dir(name)), "controlnet")
         mlflow.log_metrics(metrics)
         mlflow.log_image(grid, f"{condition_slug(name)}_map_controlled_uncontrolled.png")
         write_json({"condition": name, **metrics}, metrics_file)

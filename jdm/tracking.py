@@ -80,3 +80,41 @@ def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
 
     grid = make_grid(images.float().clamp(0, 1).cpu(), nrow=nrow, padding=1, pad_value=1.0)
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def registered_name(condition: str) -> str:
+    return f"jdm-controlnet-{condition.replace(':', '-')}"
+
+
+NEWEST = "newest"  # the alias of the newest registered version ('latest' is reserved by MLflow)
+
+
+def register_controlnet(condition: str, workspace: Path | None = None) -> tuple[str, str]:
+    """Register the ControlNet of the newest finished run that trained `condition` (the `extend` stage,
+    or the `warmup` stage for the primary condition) as model `jdm-controlnet-<condition>`, alias
+    `newest`. Registering the same run twice returns its existing version."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(workspace)
+    _check_reachable(uri)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        raise LookupError(f"no experiment {EXPERIMENT!r} at {uri}: no stage has run yet")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1,
+                              filter_string=f"tags.condition = '{condition}' and attributes.status = 'FINISHED' "
+                                            f"and tags.stage IN ('extend', 'warmup')")
+    if not runs:
+        raise LookupError(f"no finished warmup/extend run for condition {condition!r} at {uri}")
+    run = runs[0]
+    path = "controlnet" if run.data.tags["stage"] == "extend" else "generator/controlnet"
+    name = registered_name(condition)
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, tags={"condition": condition},
+                                       description=f"JDM ControlNet for condition {condition!r} (diffusers folder)")
+    existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == run.info.run_id]
+    version = existing[0] if existing else client.create_model_version(
+        name, source=f"{run.info.artifact_uri}/{path}", run_id=run.info.run_id,
+        tags={"stage": run.data.tags["stage"], "profile": run.data.tags.get("profile", "")})
+    client.set_registered_model_alias(name, NEWEST, version.version)
+    return name, str(version.version)

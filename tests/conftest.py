@@ -32,3 +32,48 @@ def plugin_dir(tmp_path, monkeypatch):
     yield tmp_path
     for name in [m for m in sys.modules if m.startswith("user_conditions")]:
         del sys.modules[name]
+
+
+def workspace_copy(dst):
+    """The repository as a clean clone would have it (tracked and untracked-but-not-ignored files)."""
+    import shutil
+    import subprocess
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dst / rel)
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    return dst
+
+
+def run(cmd, cwd, timeout=600, env=None):
+    import subprocess
+    env = env or {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def smoke_workspace(tmp_path_factory):
+    """One smoke `dvc repro` in a temporary copy, shared by the end-to-end tests (pipeline first,
+    then services: they run in file order and each leaves the workspace consistent)."""
+    work = workspace_copy(tmp_path_factory.mktemp("e2e") / "repo")
+    run(["jdm", "profile", "smoke"], work)
+    run(["dvc", "repro"], work)
+    return work
+
+
+def params_file(work, name, **sections):
+    """A variant of the workspace's params.yaml (sections updated, or top-level keys replaced)."""
+    import yaml
+    raw = yaml.safe_load((work / "params.yaml").read_text())
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            raw[section].update(values)
+        else:
+            raw[section] = values
+    (work / name).write_text(yaml.safe_dump(raw))
+    return name

@@ -13,11 +13,16 @@ from ..errors import UserError
 from .base import Condition
 from .builtin import BUILTIN
 
-__all__ = ["Condition", "BUILTIN", "available", "resolve_condition_class", "load_condition"]
+__all__ = ["Condition", "BUILTIN", "available", "condition_slug", "resolve_condition_class", "load_condition"]
 
 
 def available() -> str:
     return ", ".join(sorted(BUILTIN)) + ", or a plugin as 'package.module:ClassName'"
+
+
+def condition_slug(name: str) -> str:
+    """A folder-safe name: built-ins as they are, plugins 'pkg.mod:Cls' as 'pkg.mod-Cls'."""
+    return name.replace(":", "-")
 
 
 def resolve_condition_class(name: str) -> type[Condition]:

@@ -37,10 +37,14 @@ def denoising_loss(unet, noise_scheduler, x0, hidden, mask, generator, snr_gamma
 
 def train_teacher(params: TeacherParams, train: Split, embeddings: tuple[torch.Tensor, torch.Tensor],
                   backbone: Backbone, *, seed: int, log: Callable[[int, dict], None] | None = None):
-    """Train the teacher UNet; return (EMA UNet, noise scheduler)."""
+    """Train the teacher UNet; return (EMA UNet, noise scheduler).
+
+    Under `accelerate launch` (several processes, gloo on CPU or NCCL on GPUs) each process draws its
+    own batches (seed + process index) and accelerate averages the gradients: the effective batch is
+    `batch_size x num_processes`. Only the main process logs."""
     accelerator = Accelerator()
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the same initial weights in every process
+    g = torch.Generator().manual_seed(seed + accelerator.process_index)
     hidden_table, mask_table = embeddings
     size = train.images.shape[-1] // backbone.factor
     unet = build_unet(params.unet, size, backbone.channels, hidden_table.shape[-1])
@@ -69,10 +73,11 @@ def train_teacher(params: TeacherParams, train: Split, embeddings: tuple[torch.T
         optimizer.zero_grad(set_to_none=True)
         ema.step(unet.parameters())
         running += loss.item()
-        if log and (step % log_every == 0 or step == params.steps):
+        if log and accelerator.is_main_process and (step % log_every == 0 or step == params.steps):
             log(step, {"loss": running / (log_every if step % log_every == 0 else step % log_every),
                        "lr": lr_schedule.get_last_lr()[0]})
             running = 0.0
+    accelerator.wait_for_everyone()
     unet = accelerator.unwrap_model(unet)
     ema.copy_to(unet.parameters())
     return unet.eval().requires_grad_(False), noise_scheduler

@@ -1,0 +1,107 @@
+"""`make serve` for real: a Prefect server, a process work pool and worker with the deployments
+applied, an MLflow server, on free loopback ports; then `prefect deployment run jdm/add-control`
+as a user types it. Everything started is stopped by PID at the end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO, params_file, run
+
+sys.path.insert(0, str(REPO / "infra"))
+from services import Services, _alive, free_port  # noqa: E402
+
+PLUGIN = '''
+import torch.nn.functional as F
+from jdm.conditions import Condition
+
+
+class Blur(Condition):
+    name, channels = "blur", 1
+
+    def extract(self, images):
+        return F.avg_pool2d(images, 5, stride=1, padding=2, count_include_pad=False)
+'''
+
+
+@pytest.fixture
+def services(smoke_workspace, tmp_path, monkeypatch):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "team_conditions.py").write_text(PLUGIN)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "plugins"))  # the worker imports the user's plugin
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))  # never the user's ~/.prefect
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    svc = Services(smoke_workspace, state_dir=tmp_path / "state")
+    prefect_port, mlflow_port = free_port(), free_port()
+    urls = svc.serve(prefect_port, mlflow_port)
+    pids = svc.pids()
+    yield svc, urls, svc.env(prefect_port, mlflow_port)
+    svc.stop()
+    assert not any(_alive(pid) for pid in pids.values())
+
+
+def deployment_run(params, env, cwd):
+    cmd = ["prefect", "deployment", "run", "jdm/add-control", "--watch"]
+    for p in params:
+        cmd += ["-p", p]
+    env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}  # the profile `serve` set must suffice
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.e2e
+def test_add_control_deployment_trains_registers_and_fails_fast_on_unknown_conditions(services, smoke_workspace):
+    import shutil
+
+    from mlflow import MlflowClient
+
+    svc, urls, env = services
+    work = smoke_workspace
+    assert set(svc.pids()) == {"prefect-server", "mlflow-server", "prefect-worker"}
+    for c in ("hed",):
+        shutil.rmtree(work / f"models/jdm/controlnet-{c}")  # missing: the flow must build it again
+    # two add-control runs at once, a built-in and a plugin from outside the repository
+    runs = {c: deployment_run([f"condition={c}"], env, work) for c in ("hed", "team_conditions:Blur")}
+    outputs = {c: p.communicate(timeout=900)[0] for c, p in runs.items()}
+    for c, p in runs.items():
+        assert p.returncode == 0 and "Completed" in outputs[c], outputs[c][-3000:]
+    assert (work / "models/jdm/controlnet-hed/diffusion_pytorch_model.safetensors").is_file()
+    assert (work / "models/jdm/controlnet-team_conditions-Blur/diffusion_pytorch_model.safetensors").is_file()
+    status = subprocess.run(["dvc", "status", "extend@hed"], cwd=work, capture_output=True, text=True, env=env)
+    assert "changed" not in status.stdout, status.stdout
+
+    client = MlflowClient(urls["mlflow"])
+    for c in ("hed", "team_conditions:Blur"):
+        name = "jdm-controlnet-" + c.replace(":", "-")
+        version = client.get_model_version_by_alias(name, "newest")
+        run = client.get_run(version.run_id)
+        assert run.data.tags["condition"] == c and run.data.tags["stage"] == "extend"
+        assert any(a.path == "controlnet" for a in client.list_artifacts(run.info.run_id))
+
+    bad = deployment_run(["condition=scribble"], env, work)
+    out = bad.communicate(timeout=300)[0]
+    assert bad.returncode != 0 and "Failed" in out, out[-3000:]
+    assert "unknown condition 'scribble'; available conditions: canny, depth, hed, sr" in out, out[-3000:]
+
+
+@pytest.mark.e2e
+def test_a_training_stage_runs_under_accelerate_on_two_cpu_processes(smoke_workspace):
+    """The multi-GPU code path on this machine: `accelerate launch` with two gloo processes."""
+    from mlflow import MlflowClient
+
+    work = smoke_workspace
+    pf = params_file(work, "accelerate.yaml", threads=1, teacher={"steps": 6})  # 1 thread each: 2 cores
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("jdm").experiment_id
+    before = {r.info.run_id for r in client.search_runs([experiment])}
+    run(["accelerate", "launch", "--config_file", str(REPO / "infra/accelerate/cpu_2proc.yaml"),
+         "-m", "jdm.cli", "--params", pf, "teacher"], work)
+    metrics = json.loads((work / "metrics/teacher-train.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["num_parameters"] > 0
+    for f in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
+        assert (work / "models/teacher" / f).is_file(), f
+    new = [r for r in client.search_runs([experiment]) if r.info.run_id not in before]
+    assert [r.data.tags["stage"] for r in new] == ["teacher"]  # one run, from the main process only
