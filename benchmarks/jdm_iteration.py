@@ -1,7 +1,10 @@
 """One JDM iteration (generator + fake-score + LoRA updates) against one teacher denoising step,
 same batch and resolution, side by side in one process, with a breakdown per network pass.
 
-    python benchmarks/jdm_iteration.py [--profile tiny] [--batch 64] [--repeats 3]
+    python benchmarks/jdm_iteration.py [--profile tiny] [--batch N] [--repeats 3]
+
+The JDM settings (batch, fake-score steps per generator step, t_gen, LoRA rank, condition t-range)
+are the profile's `jdm` section unless given.
 
 Prints ratios, writes benchmarks/results/jdm_iteration.json. Run alone: two torch processes on two
 cores slow each other by 4-40x.
@@ -23,8 +26,8 @@ from jdm.models.backbone import Backbone
 from jdm.models.lora import base_parameters
 from jdm.models.unet import build_noise_scheduler, build_unet
 from jdm.objectives import VPSchedule
-from jdm.training.jdm import JDMSettings, JDMTrainer
 from jdm.models.fake_score import build_fake_score
+from jdm.training.jdm import JDMSettings, JDMTrainer
 from jdm.training.phases import ControlData, build_generator, unet_players
 from jdm.training.teacher import denoising_loss
 
@@ -50,10 +53,14 @@ class PassTimer:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="tiny")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=None, help="default: the profile's jdm.batch_size")
+    ap.add_argument("--fake-steps", type=int, default=None, help="default: the profile's jdm.fake_steps")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     params = load_params(Path("profiles") / f"{args.profile}.yaml")
+    p = params.jdm
+    args.batch = args.batch or p.batch_size
+    fake_steps = args.fake_steps or p.fake_steps
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     size = params.data.image_size
@@ -77,15 +84,17 @@ def main() -> None:
         opt.step()
 
     teacher.eval().requires_grad_(False)
-    generator = build_generator(teacher, schedule, condition, backbone, t_gen=900)
-    fake, lora = build_fake_score(teacher, lora_rank=8)
+    generator = build_generator(teacher, schedule, condition, backbone, t_gen=p.t_gen)
+    fake, lora = build_fake_score(teacher, lora_rank=p.lora_rank)
     timer = PassTimer()
     timer.wrap("generator_unet", generator.unet)
-    timer.wrap("controlnet", generator.controlnets[condition.name])
+    timer.wrap("controlnet", generator.controlnet(condition.name))
     timer.wrap("fake_score/consistency", fake)
     players = unet_players(generator, teacher, fake, condition, data, backbone, g)
     timer.wrap("teacher", teacher)
-    trainer = JDMTrainer(players, schedule, JDMSettings(fake_steps=1),
+    settings = JDMSettings(condition_weight=p.condition_weight, condition_t_max=p.condition_t_max, t_min=p.t_min,
+                           t_max=p.t_max, fake_steps=fake_steps, consistency_steps=p.consistency_steps)
+    trainer = JDMTrainer(players, schedule, settings,
                          generator_optimizer=torch.optim.AdamW([q for q in generator.parameters() if q.requires_grad], lr=1e-5),
                          fake_optimizer=torch.optim.AdamW(base_parameters(fake), lr=1e-5),
                          lora_optimizer=torch.optim.AdamW(lora, lr=1e-5), lora_params=lora, batch_size=args.batch, rng=g)
@@ -106,14 +115,14 @@ def main() -> None:
         trainer.step()
     jdm_s = (time.perf_counter() - start) / args.repeats
     forward = {k: v / args.repeats for k, v in timer.seconds.items()}
-    result = {"profile": args.profile, "batch": args.batch, "threads": torch.get_num_threads(),
+    result = {"profile": args.profile, "batch": args.batch, "fake_steps": fake_steps, "threads": torch.get_num_threads(),
               "teacher_step_s": teacher_s, "jdm_iteration_s": jdm_s, "ratio": jdm_s / teacher_s,
               "forward_s_per_iteration": forward,
               "forward_calls_per_iteration": {k: v / args.repeats for k, v in timer.calls.items()},
               "backward_and_optimizer_s": jdm_s - sum(forward.values())}
     print(json.dumps(result, indent=2))
     print(f"one JDM iteration = {result['ratio']:.2f} teacher denoising steps (batch {args.batch}, {size}x{size})")
-    out = Path("benchmarks/results/jdm_iteration.json")
+    out = Path(f"benchmarks/results/jdm_iteration_{args.profile}_fake{fake_steps}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -159,7 +159,9 @@ def run_teacher(params: Params) -> None:
 
     _setup(params)
     p = params.teacher
-    if not PartialState().is_main_process:
+    # gloo across CPU processes when there is no GPU (torch elastic sets LOCAL_RANK for each process)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if not state.is_main_process:
         if not p.pretrained:
             prepared = jdata.PreparedData.load(PREPARED)
             train_teacher(p, prepared.split("train"), prepared.embeddings(), build_backbone(params), seed=params.seed)
@@ -176,7 +178,7 @@ def run_teacher(params: Params) -> None:
                                                       build_backbone(params), seed=params.seed, log=_logger(mlflow))
                 metrics = {"train_seconds": time.perf_counter() - start,
                            "num_parameters": sum(q.numel() for q in unet.parameters()),
-                           "num_processes": PartialState().num_processes}
+                           "num_processes": state.num_processes}
                 save_teacher(unet, noise_scheduler, out)
         mlflow.log_metrics(metrics)
         write_json(metrics, METRICS / "teacher-train.json")

@@ -101,9 +101,10 @@ def register_controlnet(condition: str, workspace: Path | None = None) -> tuple[
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
         raise LookupError(f"no experiment {EXPERIMENT!r} at {uri}: no stage has run yet")
-    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1,
-                              filter_string=f"tags.condition = '{condition}' and attributes.status = 'FINISHED' "
-                                            f"and tags.stage IN ('extend', 'warmup')")
+    runs = [r for r in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"],
+                                          max_results=50, filter_string=f"tags.condition = '{condition}' "
+                                                                        f"and attributes.status = 'FINISHED'")
+            if r.data.tags.get("stage") in ("extend", "warmup")]  # the tag filter has no IN
     if not runs:
         raise LookupError(f"no finished warmup/extend run for condition {condition!r} at {uri}")
     run = runs[0]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 
 import pytest
 
@@ -18,7 +19,7 @@ from .conftest import REPO, run
 sys.path.insert(0, str(REPO / "infra"))
 from services import free_port  # noqa: E402
 
-SECRET = "jdm-test-secret-0123456789"
+SECRET = f"jdm-{uuid.uuid4().hex}"  # made here, so no file holds it unless the code under test wrote it
 
 
 def wait_http(url, proc, timeout=90):

@@ -77,14 +77,19 @@ def test_add_control_deployment_trains_registers_and_fails_fast_on_unknown_condi
     for c in ("hed", "team_conditions:Blur"):
         name = "jdm-controlnet-" + c.replace(":", "-")
         version = client.get_model_version_by_alias(name, "newest")
-        run = client.get_run(version.run_id)
-        assert run.data.tags["condition"] == c and run.data.tags["stage"] == "extend"
-        assert any(a.path == "controlnet" for a in client.list_artifacts(run.info.run_id))
+        trained = client.get_run(version.run_id)
+        assert trained.data.tags["condition"] == c and trained.data.tags["stage"] == "extend"
+        assert any(a.path == "controlnet" for a in client.list_artifacts(trained.info.run_id))
 
     bad = deployment_run(["condition=scribble"], env, work)
     out = bad.communicate(timeout=300)[0]
     assert bad.returncode != 0 and "Failed" in out, out[-3000:]
-    assert "unknown condition 'scribble'; available conditions: canny, depth, hed, sr" in out, out[-3000:]
+    # the reason is the run's state message, what the Prefect UI shows
+    run_id = out.split("UUID: ")[1].split()[0]
+    state = json.loads(run(["prefect", "flow-run", "inspect", run_id, "--output", "json"], work, env=env).stdout)["state"]
+    assert state["type"] == "FAILED"
+    assert "unknown condition 'scribble'; available conditions: canny, depth, hed, sr" in state["message"], state
+    assert "dvc_repro" not in out  # failed before any stage ran
 
 
 @pytest.mark.e2e
