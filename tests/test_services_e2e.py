@@ -81,6 +81,14 @@ def test_add_control_deployment_trains_registers_and_fails_fast_on_unknown_condi
         assert trained.data.tags["condition"] == c and trained.data.tags["stage"] == "extend"
         assert any(a.path == "controlnet" for a in client.list_artifacts(trained.info.run_id))
 
+    # the GPU work-pool templates are accepted by the server (prefect-kubernetes / prefect-docker installed)
+    for kind in ("kubernetes", "docker"):
+        run(["prefect", "work-pool", "create", f"jdm-gpu-{kind}", "--type", kind, "--base-job-template",
+             str(REPO / f"infra/work-pools/{kind}-gpu.json")], work, env=env)
+        pool = json.loads(run(["prefect", "work-pool", "inspect", f"jdm-gpu-{kind}", "--output", "json"], work,
+                              env=env).stdout)
+        assert pool["type"] == kind and "gpu" in json.dumps(pool["base_job_template"])
+
     bad = deployment_run(["condition=scribble"], env, work)
     out = bad.communicate(timeout=300)[0]
     assert bad.returncode != 0 and "Failed" in out, out[-3000:]
