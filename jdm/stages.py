@@ -240,26 +240,27 @@ def controlnet_dir(name: str) -> Path:
 
 
 def _control_data(prepared, name: str):
+    """Training and held-out control maps, each with the prompt of the image it came from (read once)."""
     from .training.phases import ControlData
 
     maps = load_condition_maps(name)
     hidden, mask = prepared.embeddings()
     train_pids = prepared.split("train").prompt_ids[:len(maps["train"])]
-    return ControlData(maps["train"], train_pids, hidden, mask), maps["eval"]
+    eval_pids = prepared.split("eval").prompt_ids[:len(maps["eval"])]
+    return ControlData(maps["train"], train_pids, hidden, mask), ControlData(maps["eval"], eval_pids, hidden, mask)
 
 
 @torch.no_grad()
-def evaluate_control(generator, condition, backbone, eval_maps, prepared, classifier, num: int, seed: int):
-    """One-step samples for held-out control maps (with the prompt of the image each map came from):
-    consistency with the ControlNet and with it removed, prompt accuracy, and a grid (map | with | without)."""
+def evaluate_control(generator, condition, backbone, held_out, prompt_classes, classifier, num: int, seed: int):
+    """One-step samples for `num` held-out control maps (`held_out`: a ControlData): consistency with the
+    ControlNet and with it removed, prompt accuracy, and a grid (map | with | without)."""
     from .annotators.classifier import predict
     from .metrics import consistency
 
-    held_out = prepared.split("eval")
-    num = min(num, len(eval_maps))
-    maps, pid = eval_maps[:num], held_out.prompt_ids[:num]
-    hidden, mask = prepared.embeddings()
-    classes = torch.tensor(prepared.prompt_classes)[pid]
+    num = min(num, len(held_out.maps))
+    maps, pid = held_out.maps[:num], held_out.prompt_ids[:num]
+    hidden, mask = held_out.hidden, held_out.mask
+    classes = torch.tensor(prompt_classes)[pid]
     g = torch.Generator().manual_seed(seed)
     size = maps.shape[-1] // backbone.factor
     z = torch.randn((num, backbone.channels, size, size), generator=g)
@@ -303,7 +304,7 @@ def run_jdm_phase(params: Params, name: str, phase: str) -> None:
     p = params.jdm
     condition = load_condition(name, params, MODELS)
     prepared = jdata.PreparedData.load(PREPARED)
-    data, eval_maps = _control_data(prepared, name)
+    data, held_out = _control_data(prepared, name)
     condition.check_map(data.maps[:1], params.data.image_size)
     classifier = load_classifier(ANNOTATORS / "classifier")
     teacher_unet, noise_scheduler = load_teacher(TEACHER)
@@ -323,16 +324,16 @@ def run_jdm_phase(params: Params, name: str, phase: str) -> None:
     ckpt_dir = CHECKPOINTS / (phase if phase == "warmup" else f"extend-{condition_slug(name)}")
     with stage_run(phase, params.profile, stage_params, condition=name) as mlflow:
         start = time.perf_counter()
-        result = train_phase(generator, teacher_unet, fake, lora, condition, data, backbone, schedule, p, steps,
+        resumed_from = train_phase(generator, teacher_unet, fake, lora, condition, data, backbone, schedule, p, steps,
                              train_unet=shared_unet is None, seed=params.seed, checkpoint_dir=ckpt_dir,
                              settings=_phase_settings(params, phase, name), log=_logger(mlflow),
                              evaluate=lambda: {f"eval_{k}": v for k, v in evaluate_control(
-                                 generator, condition, backbone, eval_maps, prepared, classifier, 64,
+                                 generator, condition, backbone, held_out, prepared.prompt_classes, classifier, 64,
                                  params.seed)[0].items() if k != "num_eval_maps"})
         train_seconds = time.perf_counter() - start
-        metrics, grid = evaluate_control(generator, condition, backbone, eval_maps, prepared, classifier,
+        metrics, grid = evaluate_control(generator, condition, backbone, held_out, prepared.prompt_classes, classifier,
                                          p.eval_samples, params.seed)
-        metrics.update(train_seconds=train_seconds, steps=steps, resumed_from_step=result.resumed_from)
+        metrics.update(train_seconds=train_seconds, steps=steps, resumed_from_step=resumed_from)
         if unet_before is not None:
             # phase 2 must not touch the shared generator: checked on every run, not assumed
             same = all(torch.equal(unet_before[k], v) for k, v in generator.unet.state_dict().items())

@@ -71,7 +71,6 @@ class Checkpointer:
         self.last_step = step
 
 
-
 def remove_checkpoint(directory: str | os.PathLike) -> None:
     """After the stage's outputs are saved the checkpoint has served its purpose."""
     shutil.rmtree(directory, ignore_errors=True)

@@ -65,13 +65,6 @@ def unet_players(generator: OneStepGenerator, teacher_unet, fake_score, conditio
                    log_likelihood=lambda x0, ctx: condition.log_likelihood(backbone.decode_differentiable(x0), ctx["control"]))
 
 
-@dataclass
-class PhaseResult:
-    steps: int
-    resumed_from: int
-    last_logs: dict
-
-
 def _adam(groups, p) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=tuple(p.adam_betas), weight_decay=0.0)
 
@@ -79,8 +72,9 @@ def _adam(groups, p) -> torch.optim.Optimizer:
 def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: list[torch.nn.Parameter],
                 condition: Condition, data: ControlData, backbone: Backbone, schedule: VPSchedule, p, steps: int, *,
                 train_unet: bool, seed: int, checkpoint_dir, settings: dict, log,
-                evaluate: Callable[[], dict] | None = None) -> PhaseResult:
-    """Run one warm-up phase for `steps` JDM iterations (p: the `jdm` params section).
+                evaluate: Callable[[], dict] | None = None) -> int:
+    """Run one warm-up phase for `steps` JDM iterations (p: the `jdm` params section); return the step
+    it resumed from (0 = a fresh start).
 
     Phase 1 (`train_unet=True`) trains the generator UNet and the ControlNet; phase 2 only the
     ControlNet (the UNet is frozen and never handed to an optimiser). Checkpoints every
@@ -97,10 +91,10 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: lis
     rng = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     generator.unet.requires_grad_(train_unet)
-    trained = list(generator.controlnets.parameters()) + (list(generator.unet.parameters()) if train_unet else [])
     groups = [{"params": list(generator.controlnets.parameters()), "lr": p.controlnet_lr}]
     if train_unet:
         groups.append({"params": list(generator.unet.parameters()), "lr": p.generator_lr})
+    trained = [q for group in groups for q in group["params"]]
     players = unet_players(generator, teacher_unet, fake_score, condition, data, backbone, rng, p.prompt_dropout)
     jdm_settings = JDMSettings(condition_weight=p.condition_weight, condition_t_max=p.condition_t_max,
                                condition_on_x=p.condition_on_x, t_min=p.t_min, t_max=p.t_max, fake_steps=p.fake_steps,
@@ -121,7 +115,6 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: lis
     start = checkpoints.restore()
     if start:
         print(f"resumed from the checkpoint of step {start} in {checkpoint_dir}", flush=True)
-    logs: dict = {}
     for step in range(start + 1, steps + 1):
         try:
             logs = trainer.step()
@@ -138,4 +131,4 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: lis
         checkpoints.maybe_save(step)
     if ema is not None:
         ema.copy_to(trained)
-    return PhaseResult(steps=steps, resumed_from=start, last_logs=logs)
+    return start
