@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UserError, FileNotFoundError, TrainingDiverged) as err:
+    except (UserError, FileNotFoundError, ConnectionError, TrainingDiverged) as err:
         print(f"jdm {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -42,6 +42,27 @@ def _check_reachable(uri: str) -> None:
         raise ConnectionError(f"MLflow tracking server {uri} is unreachable ({err}); start it or unset MLFLOW_TRACKING_URI") from None
 
 
+def _check_artifact_store(mlflow, params: dict) -> None:
+    """Store the run's params as its first artifact, without MLflow's retries (about five minutes of
+    them by default): an artifact store that cannot take it (the S3 endpoint behind a tracking server
+    down, a missing bucket) fails the stage here, before any work and before any output is touched."""
+    artifact_uri = mlflow.get_artifact_uri()
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        mlflow.log_dict(params, "params.json")
+    except Exception as err:  # MlflowException through a server, botocore's errors when the client writes to S3
+        s3 = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+        where = f"S3 endpoint {s3}" if s3 else "the tracking server's artifact destination (its MLFLOW_S3_ENDPOINT_URL, for S3)"
+        raise ConnectionError(f"MLflow artifact store {artifact_uri} is unreachable; check {where}. "
+                              f"Cause: {err}") from None
+    finally:
+        if retries is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = retries
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     out = {}
     for k, v in d.items():
@@ -71,6 +92,7 @@ def stage_run(stage: str, profile: str, params: dict, condition: str | None = No
         tags["condition"] = condition
     with mlflow.start_run(run_name=f"{stage}@{condition}" if condition else stage, tags=tags):
         mlflow.log_params(flatten(params))
+        _check_artifact_store(mlflow, params)
         yield mlflow
 
 

@@ -121,3 +121,52 @@ def test_mlflow_artifacts_and_dvc_outputs_live_in_s3(s3, smoke_workspace, tmp_pa
             assert SECRET.encode() not in p.read_bytes(), rel
     assert SECRET not in pushed.stdout + pushed.stderr + pulled.stdout + pulled.stderr
     assert "endpointurl" in (work / ".dvc" / "config.local").read_text()
+
+
+@pytest.mark.e2e
+def test_unreachable_endpoints_fail_fast_naming_them_and_keep_outputs(s3, smoke_workspace, tmp_path):
+    """A tracking server that is down, an S3 endpoint down behind a live tracking server, a DVC remote
+    that does not answer: each stops with a message naming the endpoint, before the stage touches its
+    outputs (MLflow) or without touching them (DVC)."""
+    work = smoke_workspace
+    outputs = [work / "data" / "conditions" / "sr", work / "models" / "teacher"]
+    before = digest(outputs)
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    stage_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+
+    def failing(cmd, env):
+        out = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode != 0, out.stdout[-2000:]
+        return out.stdout + out.stderr
+
+    # the tracking server is down
+    message = failing(["jdm", "conditions", "sr"], {**stage_env, "MLFLOW_TRACKING_URI": closed})
+    assert f"MLflow tracking server {closed} is unreachable" in message, message[-2000:]
+    assert "Traceback" not in message  # a user's error, said in one line
+
+    # the tracking server is up, the S3 endpoint behind it is not: fails at the first artifact, in seconds
+    mlflow_port = free_port()
+    server_env = {**s3[2], "MLFLOW_S3_ENDPOINT_URL": closed, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
+                               "--port", str(mlflow_port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'team.db'}",
+                               "--artifacts-destination", "s3://jdm-team/mlflow"],
+                              stdout=open(tmp_path / "mlflow.log", "wb"), stderr=subprocess.STDOUT,
+                              start_new_session=True, env=server_env)
+    try:
+        wait_http(f"http://127.0.0.1:{mlflow_port}/health", server)
+        started = time.monotonic()
+        message = failing(["jdm", "conditions", "sr"], {**stage_env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"})
+        took = time.monotonic() - started
+    finally:
+        stop(server)
+    assert "MLflow artifact store mlflow-artifacts:/" in message and f"127.0.0.1:{mlflow_port}" in message, message[-2000:]
+    assert took < 120, f"{took:.0f} s: the artifact check waited on MLflow's retries"
+
+    # the DVC remote does not answer
+    run(["make", "-s", "remote", "S3_URL=s3://jdm-team/dvc", f"S3_ENDPOINT={closed}"], work, env=s3[2])
+    message = failing(["dvc", "push"], s3[2])
+    assert closed in message, message[-2000:]
+    run(["dvc", "remote", "remove", "--local", "team"], work, env=s3[2])
+
+    assert digest(outputs) == before
