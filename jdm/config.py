@@ -145,6 +145,9 @@ class EvaluationParams(Section):
     fid_reference: PositiveInt = 1000
     # the Inception FID is slow on CPU; the classifier-feature FID is the fast local one
     inception_fid: bool = True
+    # the comparison table: held-out control maps (and their prompts) sampled per method and condition
+    control_samples: PositiveInt = 100
+    latency_repeats: PositiveInt = 5      # single images timed per method (median reported)
 
 
 class JDMParams(Section):
@@ -191,6 +194,24 @@ class ExtendParams(Section):
     steps: PositiveInt = 200
 
 
+class ControlNetParams(Section):
+    """The ControlNet-50 baseline: a ControlNet trained by denoising on the frozen teacher (diffusers'
+    train_controlnet.py recipe), sampled with `evaluation`'s multi-step settings."""
+    steps: PositiveInt = 300
+    batch_size: PositiveInt = 32
+    lr: PositiveFloat = 1e-3
+    prompt_dropout: float = Field(0.1, ge=0.0, le=1.0)  # empty prompts mixed in, so CFG keeps working
+
+
+class BaselinesParams(Section):
+    """paper/dvc.yaml: the one-step baselines and ablations (method.md). The Diff-Instruct generator
+    trains for `warmup.steps` (JDM phase 1 without condition term or ControlNet); implicit, w/o warm-up
+    and w/o modelling train like the extension phase (`jdm` and `extend` sections)."""
+    denoising_steps: PositiveInt = 300    # Eq. 11: a ControlNet regressed on data through the frozen DI generator
+    denoising_batch_size: PositiveInt = 32
+    denoising_lr: PositiveFloat = 1e-3
+
+
 class Params(Section):
     profile: Literal["smoke", "tiny", "sd15"]
     seed: int = 0
@@ -204,6 +225,8 @@ class Params(Section):
     jdm: JDMParams = JDMParams()
     warmup: WarmupParams = WarmupParams()
     extend: ExtendParams = ExtendParams()
+    controlnet: ControlNetParams = ControlNetParams()
+    baselines: BaselinesParams = BaselinesParams()
 
     @model_validator(mode="after")
     def _t_gen_in_schedule(self):

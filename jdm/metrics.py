@@ -49,7 +49,11 @@ class ClassifierFeatures(torch.nn.Module):
 
 
 class FID:
-    """Frechet distance in a feature space; reference statistics are computed once and reused."""
+    """Frechet distance in a feature space (torchmetrics' FrechetInceptionDistance with our feature
+    network); the reference statistics are computed once, saved with `reference_state`, and reused
+    by every method and condition scored against the same prompt set."""
+
+    REFERENCE_STATE = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
     def __init__(self, features: torch.nn.Module, batch_size: int = 64):
         self.metric = FrechetInceptionDistance(feature=features, normalize=True, reset_real_features=False)
@@ -63,6 +67,14 @@ class FID:
     def set_reference(self, images: torch.Tensor) -> None:
         self._update(images, real=True)
         self.num_reference += len(images)
+
+    def reference_state(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self.metric, k).detach().clone() for k in self.REFERENCE_STATE}
+
+    def load_reference_state(self, state: dict[str, torch.Tensor]) -> None:
+        for k in self.REFERENCE_STATE:
+            setattr(self.metric, k, state[k].clone())
+        self.num_reference = int(state["real_features_num_samples"])
 
     def __call__(self, images: torch.Tensor) -> float:
         self.metric.reset()  # keeps the reference (reset_real_features=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, UniPCMultistepScheduler
 
+from .models.generator import controlnet_residuals
+
 SAMPLERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler}
 
 
@@ -26,13 +28,9 @@ def sample_cfg(unet, scheduler_config, hidden, mask, null_hidden, null_mask, *, 
     ctrl = torch.cat([control, control]) if (guided and control is not None) else control
     for t in scheduler.timesteps:
         inp = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-        extra = {}
-        if controlnet is not None:
-            # diffusers' ControlNetModel takes no encoder_attention_mask
-            down, mid = controlnet(inp, t, encoder_hidden_states=ctx,
-                                   controlnet_cond=ctrl, conditioning_scale=conditioning_scale, return_dict=False)
-            extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-        eps = unet(inp, t, encoder_hidden_states=ctx, encoder_attention_mask=ctx_mask, **extra).sample
+        residuals = controlnet_residuals([(controlnet, ctrl, conditioning_scale)] if controlnet is not None else [],
+                                         inp, t, ctx)
+        eps = unet(inp, t, encoder_hidden_states=ctx, encoder_attention_mask=ctx_mask, **residuals).sample
         if guided:
             eps_c, eps_u = eps.chunk(2)
             eps = eps_u + guidance_scale * (eps_c - eps_u)

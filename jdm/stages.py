@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,8 +23,8 @@ MODELS = Path("models")
 ANNOTATORS = MODELS / "annotators"
 TEACHER = MODELS / "teacher"
 JDM_MODELS = MODELS / "jdm"
-GENERATOR = JDM_MODELS / "generator"
-FAKE_SCORE = JDM_MODELS / "fake_score"
+BASELINES = MODELS / "baselines"
+REFERENCE = Path("data/reference")
 CHECKPOINTS = Path("checkpoints")
 METRICS = Path("metrics")
 
@@ -235,19 +236,19 @@ def run_evaluate_teacher(params: Params) -> None:
         print(f"evaluate-teacher: {json.dumps(metrics)}")
 
 
-def controlnet_dir(name: str) -> Path:
-    return JDM_MODELS / f"controlnet-{condition_slug(name)}"
-
-
-def _control_data(prepared, name: str):
-    """Training and held-out control maps, each with the prompt of the image it came from (read once)."""
+def _control_data(prepared, name: str, with_images: bool = False):
+    """Training and held-out control maps, each with the prompt of the image it came from (read once);
+    `with_images` adds the training images themselves (the denoising baselines train on them)."""
     from .training.phases import ControlData
 
     maps = load_condition_maps(name)
     hidden, mask = prepared.embeddings()
-    train_pids = prepared.split("train").prompt_ids[:len(maps["train"])]
+    train = prepared.split("train")
+    n = len(maps["train"])
+    images = train.pixels(slice(0, n)) if with_images else None
     eval_pids = prepared.split("eval").prompt_ids[:len(maps["eval"])]
-    return ControlData(maps["train"], train_pids, hidden, mask), ControlData(maps["eval"], eval_pids, hidden, mask)
+    return (ControlData(maps["train"], train.prompt_ids[:n], hidden, mask, images),
+            ControlData(maps["eval"], eval_pids, hidden, mask))
 
 
 @torch.no_grad()
@@ -282,15 +283,49 @@ def evaluate_control(generator, condition, backbone, held_out, prompt_classes, c
     return metrics, grid
 
 
-def _phase_settings(params: Params, stage: str, condition: str) -> dict:
-    """What a checkpoint must agree with to be resumed: this stage's params and the condition."""
-    return {**_section(params, "jdm", stage, "teacher", "conditions"), "condition": condition}
+def _phase_settings(params: Params, stage: str, condition: str, method: str) -> dict:
+    """What a checkpoint must agree with to be resumed: this stage's params, the condition, the method."""
+    return {**_section(params, "jdm", stage, "teacher", "conditions"), "condition": condition, "method": method}
 
 
-def run_jdm_phase(params: Params, name: str, phase: str) -> None:
+@dataclass(frozen=True)
+class Variant:
+    """A model trained by the warm-up phases' machinery: JDM itself, or a baseline that changes one thing.
+    Phase 1 writes <root>/generator and <root>/fake_score; phase 2 writes <root>/controlnet-<c>,
+    starting from the frozen generator and fake score in <source>."""
+
+    method: str
+    root: Path
+    source: Path = JDM_MODELS
+    overrides: tuple = ()           # jdm params changed, (key, value) pairs
+    with_controlnet: bool = True
+
+
+VARIANTS = {
+    "jdm": Variant("jdm", JDM_MODELS),
+    # Diff-Instruct: the one-step student of plain score distillation (no condition term, no ControlNet)
+    "di": Variant("di", BASELINES / "di", overrides=(("condition_weight", 0.0),), with_controlnet=False),
+    # Eq. 12: a ControlNet trained by the plain VSD/DI loss on the DI generator: nothing asks it to obey c
+    "implicit": Variant("implicit", BASELINES / "implicit", source=BASELINES / "di", overrides=(("condition_weight", 0.0),)),
+    # ablation: the extension phase on the DI generator instead of the jointly warmed-up one
+    "wo-warmup": Variant("wo-warmup", BASELINES / "wo-warmup", source=BASELINES / "di"),
+    # ablation: the condition gradient from log p(c | x) on the generator output, not via f(x_t, t)
+    "wo-modelling": Variant("wo-modelling", BASELINES / "wo-modelling", overrides=(("condition_on_x", True),)),
+}
+
+
+def _variant_paths(v: Variant, phase: str, name: str) -> tuple[str, Path, Path]:
+    """(MLflow stage name, metrics file, checkpoint folder); JDM keeps the names `dvc.yaml` has always had."""
+    suffix = "" if phase == "warmup" else f"-{condition_slug(name)}"
+    if v.method == "jdm":
+        return phase, METRICS / f"{phase}{suffix}.json", CHECKPOINTS / f"{phase}{suffix}"
+    return v.method, METRICS / "baselines" / f"{v.method}{suffix}.json", CHECKPOINTS / f"{v.method}{suffix}"
+
+
+def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") -> None:
     """`warmup` (phase 1: generator UNet + the primary ControlNet) or `extend` (phase 2: a new
-    ControlNet on the frozen generator). Both train with the JDM objective, checkpoint and resume,
-    save diffusers folders, and score the control on held-out maps."""
+    ControlNet on the frozen generator), for JDM or one of the VARIANTS. Both train with the JDM
+    objective, checkpoint and resume, save diffusers folders, and score the control on held-out maps."""
     from .annotators.classifier import load_classifier
     from .conditions import load_condition
     from .models.fake_score import build_fake_score, load_fake_score, save_fake_score
@@ -301,7 +336,8 @@ def run_jdm_phase(params: Params, name: str, phase: str) -> None:
     from .training.phases import build_generator, train_phase
 
     _setup(params)
-    p = params.jdm
+    v = VARIANTS[method]
+    p = params.jdm.model_copy(update=dict(v.overrides))
     condition = load_condition(name, params, MODELS)
     prepared = jdata.PreparedData.load(PREPARED)
     data, held_out = _control_data(prepared, name)
@@ -315,48 +351,270 @@ def run_jdm_phase(params: Params, name: str, phase: str) -> None:
         fake, lora = build_fake_score(teacher_unet, p.lora_rank)
     else:
         steps = params.extend.steps
-        shared_unet = load_generator(GENERATOR, primary=False)[0].unet
+        shared_unet = load_generator(v.source / "generator", primary=False)[0].unet
         # the warm-up's fake score already models this generator's distribution: start from it
-        fake, lora = load_fake_score(FAKE_SCORE, p.lora_rank)
-    generator = build_generator(teacher_unet, schedule, condition, backbone, p.t_gen, unet=shared_unet)
+        fake, lora = load_fake_score(v.source / "fake_score", p.lora_rank)
+    generator = build_generator(teacher_unet, schedule, condition, backbone, p.t_gen, unet=shared_unet,
+                                with_controlnet=v.with_controlnet)
     unet_before = {k: v.clone() for k, v in generator.unet.state_dict().items()} if shared_unet is not None else None
-    stage_params = _section(params, "jdm", phase)
-    ckpt_dir = CHECKPOINTS / (phase if phase == "warmup" else f"extend-{condition_slug(name)}")
-    with stage_run(phase, params.profile, stage_params, condition=name) as mlflow:
+    stage_params = {**_section(params, "jdm", phase), "jdm": p.model_dump(mode="json")}
+    stage, metrics_file, ckpt_dir = _variant_paths(v, phase, name)
+    evaluate = None
+    if v.with_controlnet:
+        def evaluate():
+            return {f"eval_{k}": val for k, val in evaluate_control(
+                generator, condition, backbone, held_out, prepared.prompt_classes, classifier, 64,
+                params.seed)[0].items() if k != "num_eval_maps"}
+    with stage_run(stage, params.profile, stage_params, condition=name, tags={"method": method}) as mlflow:
         start = time.perf_counter()
         resumed_from = train_phase(generator, teacher_unet, fake, lora, condition, data, backbone, schedule, p, steps,
-                             train_unet=shared_unet is None, seed=params.seed, checkpoint_dir=ckpt_dir,
-                             settings=_phase_settings(params, phase, name), log=_logger(mlflow),
-                             evaluate=lambda: {f"eval_{k}": v for k, v in evaluate_control(
-                                 generator, condition, backbone, held_out, prepared.prompt_classes, classifier, 64,
-                                 params.seed)[0].items() if k != "num_eval_maps"})
-        train_seconds = time.perf_counter() - start
-        metrics, grid = evaluate_control(generator, condition, backbone, held_out, prepared.prompt_classes, classifier,
-                                         p.eval_samples, params.seed)
-        metrics.update(train_seconds=train_seconds, steps=steps, resumed_from_step=resumed_from)
+                                   train_unet=shared_unet is None, seed=params.seed, checkpoint_dir=ckpt_dir,
+                                   settings=_phase_settings(params, phase, name, method), log=_logger(mlflow),
+                                   evaluate=evaluate)
+        metrics = {"train_seconds": time.perf_counter() - start, "steps": steps, "resumed_from_step": resumed_from}
+        if v.with_controlnet:
+            scores, grid = evaluate_control(generator, condition, backbone, held_out, prepared.prompt_classes,
+                                            classifier, p.eval_samples, params.seed)
+            metrics.update(scores)
+            mlflow.log_image(grid, f"{condition_slug(name)}_map_controlled_uncontrolled.png")
         if unet_before is not None:
             # phase 2 must not touch the shared generator: checked on every run, not assumed
-            same = all(torch.equal(unet_before[k], v) for k, v in generator.unet.state_dict().items())
+            same = all(torch.equal(unet_before[k], val) for k, val in generator.unet.state_dict().items())
             if not same:
                 raise RuntimeError("the frozen generator UNet changed during the extension phase")
             metrics["generator_unchanged"] = 1.0
         if phase == "warmup":
             meta = {"image_size": params.data.image_size, "image_channels": backbone.image_channels,
-                    "vae": params.teacher.pretrained, "primary_condition": name,
+                    "vae": params.teacher.pretrained, "primary_condition": name if v.with_controlnet else None,
                     "text_encoder": params.text_encoder.model_dump(mode="json")}
-            with atomic_dir(GENERATOR) as out:
+            with atomic_dir(v.root / "generator") as out:
                 save_generator(generator, noise_scheduler, out, meta)
-            with atomic_dir(FAKE_SCORE) as out:
+            with atomic_dir(v.root / "fake_score") as out:
                 save_fake_score(fake, out)
-            metrics_file = METRICS / "warmup.json"
-            mlflow.log_artifacts(str(GENERATOR), "generator")
+            mlflow.log_artifacts(str(v.root / "generator"), "generator")
         else:
-            with atomic_dir(controlnet_dir(name)) as out:
+            out_dir = v.root / f"controlnet-{condition_slug(name)}"
+            with atomic_dir(out_dir) as out:
                 save_controlnet(generator.controlnet(condition.name), name, out)
-            metrics_file = METRICS / f"extend-{condition_slug(name)}.json"
-            mlflow.log_artifacts(str(controlnet_dir(name)), "controlnet")
+            mlflow.log_artifacts(str(out_dir), "controlnet")
         mlflow.log_metrics(metrics)
-        mlflow.log_image(grid, f"{condition_slug(name)}_map_controlled_uncontrolled.png")
-        write_json({"condition": name, **metrics}, metrics_file)
-        print(f"{phase} {name}: {json.dumps(metrics)}")
+        write_json({"condition": name, "method": method, **metrics}, metrics_file)
+        print(f"{stage} {name}: {json.dumps(metrics)}")
     remove_checkpoint(ckpt_dir)  # the outputs are saved: the checkpoint has done its job
+
+
+# --- baselines trained by denoising on data (jdm/training/controlnet.py) -------------------------------
+
+CONTROLNET_BASELINES = {"controlnet-50": BASELINES / "controlnet-50",  # on the teacher, sampled with 50 steps + CFG
+                        "denoising": BASELINES / "denoising"}          # Eq. 11, on the frozen DI generator
+
+
+def run_controlnet_baseline(params: Params, name: str, method: str) -> None:
+    """`controlnet-50`: a ControlNet trained by denoising on the teacher (params `controlnet`);
+    `denoising`: one trained by Eq. 11 through the frozen Diff-Instruct generator (params `baselines`)."""
+    from .conditions import load_condition
+    from .models.generator import controlnet_from_unet
+    from .models.teacher import build_backbone, load_teacher
+    from .pipeline import load_generator, save_controlnet
+    from .training.controlnet import generator_regression_loss, teacher_loss, train_controlnet
+
+    _setup(params)
+    condition = load_condition(name, params, MODELS)
+    prepared = jdata.PreparedData.load(PREPARED)
+    data, _ = _control_data(prepared, name, with_images=True)
+    condition.check_map(data.maps[:1], params.data.image_size)
+    backbone = build_backbone(params)
+    if method == "controlnet-50":
+        unet, noise_scheduler = load_teacher(TEACHER)
+        loss = teacher_loss(unet, noise_scheduler, params.teacher.snr_gamma)
+        c = params.controlnet
+        settings = {"steps": c.steps, "batch_size": c.batch_size, "lr": c.lr, "prompt_dropout": c.prompt_dropout}
+        section = "controlnet"
+    else:
+        generator = load_generator(VARIANTS["di"].root / "generator", primary=False)[0]
+        unet, loss = generator.unet, generator_regression_loss(generator)
+        b = params.baselines
+        settings = {"steps": b.denoising_steps, "batch_size": b.denoising_batch_size, "lr": b.denoising_lr,
+                    "prompt_dropout": 0.0}
+        section = "baselines"
+    controlnet = controlnet_from_unet(unet, condition.channels, backbone.factor)
+    out_dir = CONTROLNET_BASELINES[method] / f"controlnet-{condition_slug(name)}"
+    with stage_run(method, params.profile, _section(params, section), condition=name,
+                   tags={"method": method}) as mlflow:
+        start = time.perf_counter()
+        controlnet = train_controlnet(controlnet, loss, data, backbone, seed=params.seed, log=_logger(mlflow), **settings)
+        metrics = {"train_seconds": time.perf_counter() - start, "steps": settings["steps"]}
+        with atomic_dir(out_dir) as out:
+            save_controlnet(controlnet, name, out)
+        mlflow.log_artifacts(str(out_dir), "controlnet")
+        mlflow.log_metrics(metrics)
+        write_json({"condition": name, "method": method, **metrics},
+                   METRICS / "baselines" / f"{method}-{condition_slug(name)}.json")
+        print(f"{method} {name}: {json.dumps(metrics)}")
+
+
+# --- the comparison table -----------------------------------------------------------------------------
+
+# method -> (folder of the one-step generator, or None for the teacher sampled with 50 steps + CFG;
+#            folder holding controlnet-<c>)
+METHODS = {
+    "jdm": (JDM_MODELS, JDM_MODELS),
+    "controlnet-50": (None, CONTROLNET_BASELINES["controlnet-50"]),
+    "di-controlnet": (VARIANTS["di"].root, CONTROLNET_BASELINES["controlnet-50"]),  # the teacher's ControlNet
+    "denoising": (VARIANTS["di"].root, CONTROLNET_BASELINES["denoising"]),
+    "implicit": (VARIANTS["di"].root, VARIANTS["implicit"].root),
+    "wo-warmup": (VARIANTS["di"].root, VARIANTS["wo-warmup"].root),
+    "wo-modelling": (JDM_MODELS, VARIANTS["wo-modelling"].root),
+}
+SAMPLES = Path("reports/samples")
+SAMPLES_SHOWN = 8
+
+
+def _held_out(params: Params, prepared, name: str | None = None):
+    """The first `evaluation.control_samples` held-out images: prompt embeddings, classes, and maps of `name`."""
+    n = params.evaluation.control_samples
+    held_out = prepared.split("eval")
+    n = min(n, len(held_out))
+    pid = held_out.prompt_ids[:n]
+    hidden, mask = prepared.embeddings()
+    maps = load_condition_maps(name)["eval"][:n] if name is not None else None
+    return hidden[pid], mask[pid], torch.tensor(prepared.prompt_classes)[pid], maps, (hidden[:1], mask[:1])
+
+
+def _fids(params: Params, classifier) -> dict:
+    from .metrics import FID, ClassifierFeatures, InceptionFeatures
+
+    fids = {"classifier": FID(ClassifierFeatures(classifier))}
+    if params.evaluation.inception_fid:
+        fids["inception"] = FID(InceptionFeatures())
+    return fids
+
+
+def _teacher_sampler(params: Params, backbone, null, controlnet=None):
+    from .evaluation import multi_step_sampler
+    from .models.teacher import load_teacher
+
+    e = params.evaluation
+    unet, noise_scheduler = load_teacher(TEACHER)
+    return multi_step_sampler(unet, noise_scheduler.config, backbone, params.data.image_size // backbone.factor, null,
+                              steps=e.num_inference_steps, guidance_scale=e.guidance_scale, sampler=e.sampler,
+                              controlnet=controlnet)
+
+
+def run_reference(params: Params) -> None:
+    """The FID reference of the table: the teacher's samples *without* control for the prompts of the
+    held-out maps, and their feature statistics, computed once for every method and condition."""
+    from .annotators.classifier import load_classifier
+    from .evaluation import reference_samples
+    from .models.teacher import build_backbone
+
+    _setup(params)
+    prepared = jdata.PreparedData.load(PREPARED)
+    hidden, mask, _, _, null = _held_out(params, prepared)
+    backbone = build_backbone(params)
+    fids = _fids(params, load_classifier(ANNOTATORS / "classifier"))
+    with stage_run("reference", params.profile, _section(params, "evaluation")) as mlflow:
+        start = time.perf_counter()
+        samples = reference_samples(_teacher_sampler(params, backbone, null), hidden, mask,
+                                    batch_size=params.evaluation.batch_size, seed=params.seed)
+        sample_seconds = time.perf_counter() - start
+        state = {}
+        for feature, fid in fids.items():
+            fid.set_reference(samples)
+            state.update({f"{feature}.{k}": v for k, v in fid.reference_state().items()})
+        with atomic_dir(REFERENCE) as out:
+            save_tensors(state, out / "fid.safetensors")
+            save_tensors({"samples": (samples * 255).round().to(torch.uint8)}, out / "samples.safetensors")
+        metrics = {"num_samples": len(samples), "sample_seconds": sample_seconds,
+                   "feature_seconds": time.perf_counter() - start - sample_seconds}
+        mlflow.log_metrics(metrics)
+        mlflow.log_image(image_grid(samples[:64]), "reference_samples.png")
+        print(f"reference: {json.dumps(metrics)}")
+
+
+def _method_sampler(params: Params, method: str, name: str, backbone, null):
+    from .evaluation import one_step_sampler
+    from .pipeline import load_controlnet, load_generator
+
+    generator_root, controlnet_root = METHODS[method]
+    path = controlnet_root / f"controlnet-{condition_slug(name)}"
+    if generator_root is None:
+        return _teacher_sampler(params, backbone, null, controlnet=load_controlnet(path)[1])
+    generator, _, meta = load_generator(generator_root / "generator", primary=True)
+    if name not in generator.names:
+        generator, _, _ = load_generator(generator_root / "generator", {name: path}, primary=False)
+    return one_step_sampler(generator, name, backbone, params.data.image_size // backbone.factor)
+
+
+def run_evaluate(params: Params, methods: list[str], name: str) -> None:
+    """Rows of the table for condition `name`: each method sampled on the same held-out maps and
+    prompts, scored the same way; one MLflow run per method (tags `method`, `condition`)."""
+    from PIL import Image
+
+    from .annotators.classifier import load_classifier
+    from .conditions import load_condition
+    from .errors import UserError
+    from .evaluation import generate, latency_ms, score
+    from .io import load_tensors
+    from .models.teacher import build_backbone
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(map(repr, unknown))}; available: {', '.join(METHODS)}")
+    _setup(params)
+    condition = load_condition(name, params, MODELS)
+    prepared = jdata.PreparedData.load(PREPARED)
+    hidden, mask, classes, maps, null = _held_out(params, prepared, name)
+    backbone = build_backbone(params)
+    classifier = load_classifier(ANNOTATORS / "classifier")
+    fids = _fids(params, classifier)
+    reference = load_tensors(REFERENCE / "fid.safetensors")
+    for feature, fid in fids.items():
+        fid.load_reference_state({k.split(".", 1)[1]: v for k, v in reference.items() if k.startswith(feature + ".")})
+    slug = condition_slug(name)
+    for method in methods:
+        sampler = _method_sampler(params, method, name, backbone, null)
+        with stage_run("evaluate", params.profile, _section(params, "evaluation"), condition=name,
+                       tags={"method": method}) as mlflow:
+            start = time.perf_counter()
+            samples = generate(sampler, hidden, mask, maps, batch_size=params.evaluation.batch_size, seed=params.seed)
+            sample_seconds = time.perf_counter() - start
+            metrics = {"nfe": sampler.nfe, "sample_seconds": sample_seconds,
+                       "latency_ms": latency_ms(sampler, hidden, mask, maps, params.evaluation.latency_repeats),
+                       **score(samples, maps, classes, condition, classifier, fids)}
+            mlflow.log_metrics(metrics)
+            shown = samples[:SAMPLES_SHOWN]
+            grid = image_grid(shown.expand(-1, 3, -1, -1) if shown.shape[1] == 1 else shown, nrow=SAMPLES_SHOWN)
+            mlflow.log_image(grid, f"{method}_{slug}_samples.png")
+            SAMPLES.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(grid).save(SAMPLES / f"{method}-{slug}.png")
+            write_json({"method": method, "condition": name, **metrics}, METRICS / "eval" / f"{method}-{slug}.json")
+            print(f"evaluate {method} {name}: {json.dumps(metrics)}", flush=True)
+
+
+def run_report(params: Params, methods: list[str], conditions: list[str], out_dir: Path) -> None:
+    """The table (Markdown and HTML, the paper's numbers beside ours) and sample grids per condition."""
+    from .io import load_tensors
+    from .report import write_report
+
+    _setup(params)
+    rows = []
+    for method in methods:
+        for name in conditions:
+            path = METRICS / "eval" / f"{method}-{condition_slug(name)}.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: run `jdm evaluate {name} --methods {method}` "
+                                        f"(DVC: the evaluate stage of condition {name!r})")
+            rows.append(json.loads(path.read_text()))
+    prepared = jdata.PreparedData.load(PREPARED)
+    teacher = load_tensors(REFERENCE / "samples.safetensors")["samples"][:SAMPLES_SHOWN].float() / 255
+    shown = lambda x: x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # noqa: E731
+    pictures = {"teacher": image_grid(shown(teacher), nrow=SAMPLES_SHOWN)}
+    for name in conditions:
+        maps = _held_out(params, prepared, name)[3][:SAMPLES_SHOWN]
+        pictures[f"maps-{condition_slug(name)}"] = image_grid(shown(maps), nrow=SAMPLES_SHOWN)
+    with stage_run("report", params.profile, _section(params, "evaluation")) as mlflow:
+        with atomic_dir(out_dir) as out:
+            write_report(rows, methods, [condition_slug(c) for c in conditions], pictures, SAMPLES, out, params.profile)
+        mlflow.log_artifacts(str(out_dir), "report")
+        print(f"report: {out_dir / 'index.html'} ({len(rows)} rows)")

@@ -75,8 +75,10 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, profile: str, params: dict, condition: str | None = None, workspace: Path | None = None):
-    """Start the stage's MLflow run with its tags and params; yield the mlflow module."""
+def stage_run(stage: str, profile: str, params: dict, condition: str | None = None, workspace: Path | None = None,
+              tags: dict | None = None):
+    """Start the stage's MLflow run with its tags (stage, profile, commit, condition, and e.g. `method`,
+    so the compare view lines up methods and conditions) and params; yield the mlflow module."""
     import mlflow
 
     workspace = (workspace or Path.cwd()).resolve()
@@ -87,10 +89,11 @@ def stage_run(stage: str, profile: str, params: dict, condition: str | None = No
         artifacts = None if uri.startswith(("http://", "https://")) else (workspace / "mlartifacts").as_uri()
         mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
     mlflow.set_experiment(EXPERIMENT)
-    tags = {"stage": stage, "profile": profile, "git_commit": git_commit(workspace)}
+    run_tags = {"stage": stage, "profile": profile, "git_commit": git_commit(workspace), **(tags or {})}
     if condition:
-        tags["condition"] = condition
-    with mlflow.start_run(run_name=f"{stage}@{condition}" if condition else stage, tags=tags):
+        run_tags["condition"] = condition
+    name = "-".join(x for x in (stage, (tags or {}).get("method") if stage == "evaluate" else None) if x)
+    with mlflow.start_run(run_name=f"{name}@{condition}" if condition else name, tags=run_tags):
         mlflow.log_params(flatten(params))
         _check_artifact_store(mlflow, params)
         yield mlflow

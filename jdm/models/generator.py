@@ -27,6 +27,20 @@ def controlnet_from_unet(unet: UNet2DConditionModel, condition_channels: int, ba
                                      conditioning_embedding_out_channels=EMBEDDING_CHANNELS[:halvings + 1])
 
 
+def controlnet_residuals(controls: list[tuple[ControlNetModel, torch.Tensor, float]], x_t: torch.Tensor,
+                         t: torch.Tensor, hidden: torch.Tensor) -> dict:
+    """The UNet's extra inputs from several ControlNets, residuals summed (diffusers' multi-ControlNet);
+    `controls` holds (ControlNet, map in [0,1], scale). Empty when there is no control."""
+    down, mid = None, None
+    for net, control, scale in controls:
+        # diffusers' ControlNetModel takes no encoder_attention_mask: it attends to padding tokens too
+        d, m = net(x_t, t, encoder_hidden_states=hidden, controlnet_cond=control, conditioning_scale=scale,
+                   return_dict=False)
+        down = list(d) if down is None else [a + b for a, b in zip(down, d)]
+        mid = m if mid is None else mid + m
+    return {} if down is None else {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
 class OneStepGenerator(torch.nn.Module):
     def __init__(self, unet: UNet2DConditionModel, controlnets: dict[str, ControlNetModel], schedule: VPSchedule,
                  t_gen: int):
@@ -44,14 +58,7 @@ class OneStepGenerator(torch.nn.Module):
                 controls: dict[str, torch.Tensor] | None = None, scales: dict[str, float] | None = None) -> torch.Tensor:
         """One network evaluation; several controls add their residuals (multi-ControlNet)."""
         t = torch.full((z.shape[0],), self.t_gen, dtype=torch.long, device=z.device)
-        down, mid = None, None
-        for name, control in (controls or {}).items():
-            # diffusers' ControlNetModel takes no encoder_attention_mask: it attends to padding tokens too
-            d, m = self.controlnet(name)(z, t, encoder_hidden_states=hidden,
-                                          controlnet_cond=control, conditioning_scale=(scales or {}).get(name, 1.0),
-                                          return_dict=False)
-            down = list(d) if down is None else [a + b for a, b in zip(down, d)]
-            mid = m if mid is None else mid + m
-        eps = self.unet(z, t, encoder_hidden_states=hidden, encoder_attention_mask=mask,
-                        down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        residuals = controlnet_residuals([(self.controlnet(name), control, (scales or {}).get(name, 1.0))
+                                          for name, control in (controls or {}).items()], z, t, hidden)
+        eps = self.unet(z, t, encoder_hidden_states=hidden, encoder_attention_mask=mask, **residuals).sample
         return self.schedule.x0(z, eps, t)

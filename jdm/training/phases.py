@@ -30,21 +30,27 @@ class ControlData:
     prompt_ids: torch.Tensor    # [M]
     hidden: torch.Tensor        # [P,L,D]
     mask: torch.Tensor          # [P,L]
+    images: torch.Tensor | None = None  # [M,C,H,W] the images the maps came from: only the denoising
+                                        # baselines train on them; JDM needs none
 
 
 def build_generator(teacher_unet, schedule: VPSchedule, condition: Condition, backbone: Backbone, t_gen: int,
-                    unet=None) -> OneStepGenerator:
-    """Phase 1: a fresh copy of the teacher UNet; phase 2: the given (frozen) generator UNet."""
+                    unet=None, with_controlnet: bool = True) -> OneStepGenerator:
+    """Phase 1: a fresh copy of the teacher UNet; phase 2: the given (frozen) generator UNet. Without
+    ControlNet: a plain one-step text-to-image student (the Diff-Instruct baseline)."""
     unet = copy.deepcopy(teacher_unet).requires_grad_(True) if unet is None else unet
-    controlnet = controlnet_from_unet(unet, condition.channels, backbone.factor)
-    return OneStepGenerator(unet, {condition.name: controlnet}, schedule, t_gen)
+    controlnets = {condition.name: controlnet_from_unet(unet, condition.channels, backbone.factor)} if with_controlnet else {}
+    return OneStepGenerator(unet, controlnets, schedule, t_gen)
 
 
 def unet_players(generator: OneStepGenerator, teacher_unet, fake_score, condition: Condition, data: ControlData,
-                 backbone: Backbone, rng: torch.Generator, prompt_dropout: float = 0.0) -> Players:
+                 backbone: Backbone, rng: torch.Generator, prompt_dropout: float = 0.0,
+                 with_condition: bool = True) -> Players:
     """Bind prompts and controls: the generator and the condition see the control, the teacher and
-    the fake score see only the prompt (method.md: the teacher never needs to understand c)."""
+    the fake score see only the prompt (method.md: the teacher never needs to understand c).
+    `with_condition=False` drops the condition term: plain score distillation (Diff-Instruct, Eq. 12)."""
     name = condition.name
+    controlled = name in generator.names
     size = data.maps.shape[-1] // backbone.factor
 
     def sample(n: int, grad: bool):
@@ -55,14 +61,15 @@ def unet_players(generator: OneStepGenerator, teacher_unet, fake_score, conditio
         ctx = {"hidden": data.hidden[pid], "mask": data.mask[pid], "control": data.maps[idx]}
         z = torch.randn((n, backbone.channels, size, size), generator=rng)
         with torch.set_grad_enabled(grad):
-            return generator(z, ctx["hidden"], ctx["mask"], {name: ctx["control"]}), ctx
+            return generator(z, ctx["hidden"], ctx["mask"], {name: ctx["control"]} if controlled else {}), ctx
 
     def eps_of(unet):
         return lambda x_t, t, ctx: unet(x_t, t, encoder_hidden_states=ctx["hidden"],
                                         encoder_attention_mask=ctx["mask"]).sample
 
+    log_likelihood = lambda x0, ctx: condition.log_likelihood(backbone.decode_differentiable(x0), ctx["control"])  # noqa: E731
     return Players(sample=sample, real_eps=eps_of(teacher_unet), fake_eps=eps_of(fake_score), fake_score=fake_score,
-                   log_likelihood=lambda x0, ctx: condition.log_likelihood(backbone.decode_differentiable(x0), ctx["control"]))
+                   log_likelihood=log_likelihood if with_condition else None)
 
 
 def _adam(groups, p) -> torch.optim.Optimizer:
@@ -91,11 +98,12 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: lis
     rng = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     generator.unet.requires_grad_(train_unet)
-    groups = [{"params": list(generator.controlnets.parameters()), "lr": p.controlnet_lr}]
+    groups = [{"params": list(generator.controlnets.parameters()), "lr": p.controlnet_lr}] if generator.names else []
     if train_unet:
         groups.append({"params": list(generator.unet.parameters()), "lr": p.generator_lr})
     trained = [q for group in groups for q in group["params"]]
-    players = unet_players(generator, teacher_unet, fake_score, condition, data, backbone, rng, p.prompt_dropout)
+    players = unet_players(generator, teacher_unet, fake_score, condition, data, backbone, rng, p.prompt_dropout,
+                           with_condition=p.condition_weight > 0)
     jdm_settings = JDMSettings(condition_weight=p.condition_weight, condition_t_max=p.condition_t_max,
                                condition_on_x=p.condition_on_x, t_min=p.t_min, t_max=p.t_max, fake_steps=p.fake_steps,
                                consistency_steps=p.consistency_steps, consistency_ema=p.consistency_ema)

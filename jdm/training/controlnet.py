@@ -1,0 +1,93 @@
+"""ControlNets trained by denoising on data: the baselines JDM is measured against (method.md).
+
+- On the teacher (`train_controlnet_on_teacher`): the ControlNet of diffusers'
+  `examples/controlnet/train_controlnet.py` -- the teacher frozen, epsilon-prediction loss on noised
+  images with their control maps, empty prompts mixed in for classifier-free guidance. Sampled with
+  50 steps and CFG it is the "ControlNet (DM)" row; plugged into a one-step generator it is
+  "DI + ControlNet".
+- On a frozen one-step generator (`train_controlnet_on_generator`, Eq. 11): G(x_T, y, c) regressed on
+  the clean image x, with x_T = alpha_T x + sigma_T eps at the generator's own timestep. It transfers
+  the control but, being a regression, averages over x and gives blurry images (the paper's finding).
+
+Both share one loop: batches of (image, control map, prompt), AdamW on the ControlNet only, under
+accelerate, stopped with the step number when the loss is not finite.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from ..data import EMPTY_PROMPT_ID
+from ..models.backbone import Backbone
+from ..models.generator import OneStepGenerator, controlnet_residuals
+from .phases import ControlData
+from .teacher import denoising_loss
+
+# loss(controlnet, x0, control, hidden, mask, rng) -> scalar; the ControlNet comes in as accelerate
+# prepared it (wrapped for gradient all-reduce across processes)
+BatchLoss = Callable[..., torch.Tensor]
+
+
+def train_controlnet(controlnet, loss_fn: BatchLoss, data: ControlData, backbone: Backbone, *, steps: int,
+                     batch_size: int, lr: float, prompt_dropout: float, seed: int,
+                     log: Callable[[int, dict], None] | None = None):
+    """Train `controlnet` alone for `steps` AdamW steps on `loss_fn`; return it, in eval mode."""
+    if data.images is None:
+        raise ValueError("denoising a ControlNet needs the images the control maps came from (ControlData.images)")
+    accelerator = Accelerator()
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + accelerator.process_index)
+    controlnet.requires_grad_(True).train()
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=lr, weight_decay=1e-2)
+    controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
+    log_every = max(1, steps // 20)
+    running = 0.0
+    for step in range(1, steps + 1):
+        idx = torch.randint(len(data.maps), (batch_size,), generator=g)
+        with torch.no_grad():
+            x0 = backbone.encode(data.images[idx].float())
+        pid = data.prompt_ids[idx]
+        if prompt_dropout:
+            pid = torch.where(torch.rand(len(pid), generator=g) < prompt_dropout, EMPTY_PROMPT_ID, pid)
+        loss = loss_fn(controlnet, x0, data.maps[idx], data.hidden[pid], data.mask[pid], g)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"ControlNet denoising loss is {loss.item()} at step {step}")
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        running += loss.item()
+        if log and accelerator.is_main_process and (step % log_every == 0 or step == steps):
+            log(step, {"loss": running / (log_every if step % log_every == 0 else step % log_every)})
+            running = 0.0
+    accelerator.wait_for_everyone()
+    return accelerator.unwrap_model(controlnet).eval().requires_grad_(False)
+
+
+def teacher_loss(teacher_unet, noise_scheduler, snr_gamma: float | None) -> BatchLoss:
+    """Epsilon prediction of the frozen teacher plus the ControlNet's residuals (the teacher's own loss)."""
+    teacher_unet.requires_grad_(False)
+
+    def loss(controlnet, x0, control, hidden, mask, g):
+        def eps(x_t, t, **kwargs):
+            return teacher_unet(x_t, t, **kwargs,
+                                **controlnet_residuals([(controlnet, control, 1.0)], x_t, t, kwargs["encoder_hidden_states"]))
+        return denoising_loss(eps, noise_scheduler, x0, hidden, mask, g, snr_gamma)
+    return loss
+
+
+def generator_regression_loss(generator: OneStepGenerator) -> BatchLoss:
+    """Eq. 11: || G(x_T, y, c) - x ||^2, x_T the image noised to the generator's timestep (its UNet frozen)."""
+    generator.unet.requires_grad_(False)
+
+    def loss(controlnet, x0, control, hidden, mask, g):
+        t = torch.full((len(x0),), generator.t_gen, dtype=torch.long)
+        x_T = generator.schedule.noisy(x0, torch.randn(x0.shape, generator=g).to(x0), t)
+        eps = generator.unet(x_T, t, encoder_hidden_states=hidden, encoder_attention_mask=mask,
+                             **controlnet_residuals([(controlnet, control, 1.0)], x_T, t, hidden)).sample
+        return F.mse_loss(generator.schedule.x0(x_T, eps, t), x0)
+    return loss

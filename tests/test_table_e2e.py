@@ -1,0 +1,107 @@
+"""The comparison table in its three places, on the shared smoke workspace: `dvc metrics show`, MLflow
+runs tagged `method` and `condition` with the same metric names, and `reports/` (Markdown, and an HTML
+page a real headless Chromium renders with its table and every image). The paper pipeline runs for
+one condition (every baseline and ablation; the whole of it is `make paper`)."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import run
+
+CONDITIONS = ("canny", "hed", "depth", "sr")
+ROW_METRICS = {"fid_inception", "fid_classifier", "consistency", "nfe", "latency_ms", "prompt_accuracy",
+               "num_samples", "num_reference"}
+PAPER_METHODS = ("di-controlnet", "denoising", "implicit", "wo-warmup", "wo-modelling")
+
+
+def render(page, tmp_path, name):
+    """Headless Chromium: a screenshot, and the DOM after the load event (the page's own image check)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is not installed: `make install` runs infra/install-system.sh (Debian package chromium)"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / name}"]
+    shot = tmp_path / f"{name}.png"
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1400,2400", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    dom = subprocess.run([chromium, *flags, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    return np.asarray(Image.open(shot).convert("RGB")), dom
+
+
+def check_page(page, tmp_path, name, rows, images):
+    shot, dom = render(page, tmp_path, name)
+    assert f"{rows} result rows, {images} of {images} images loaded" in dom, re.findall(r'id="status">[^<]*', dom)
+    assert shot.shape[0] >= 2000 and shot.shape[1] >= 1200
+    gray = shot.mean(axis=2)
+    table_lines = (np.abs(shot.astype(int) - 204).max(axis=2) <= 8).sum()  # the table's #ccc borders
+    assert table_lines > 2000, table_lines
+    # pictures: rows of the screenshot with many dark and many light pixels (samples on white padding)
+    picture_rows = ((gray < 100).sum(axis=1) > 40) & ((gray > 200).sum(axis=1) > 40)
+    assert picture_rows.sum() > 64, picture_rows.sum()
+
+
+@pytest.mark.e2e
+def test_table_in_dvc_metrics_mlflow_and_report(smoke_workspace, tmp_path):
+    import mlflow
+
+    work = smoke_workspace
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], work).stdout)
+    files = {path: data["data"] for entry in shown.values() for path, data in entry["data"].items()
+             if path.startswith("metrics/eval/")}
+    for method in ("jdm", "controlnet-50"):
+        for c in CONDITIONS:
+            row = files[f"metrics/eval/{method}-{c}.json"]
+            assert ROW_METRICS <= set(row) and row["method"] == method and row["condition"] == c
+            assert row["num_samples"] == 16 and row["num_reference"] == 16
+            assert row["nfe"] == (1 if method == "jdm" else 4)  # smoke samples ControlNet with 4 steps
+            assert row["fid_inception"] > 0 and row["fid_classifier"] > 0 and 0 <= row["consistency"] <= 1
+    # one step against a multi-step sampler with CFG, timed the same way
+    for c in CONDITIONS:
+        assert files[f"metrics/eval/jdm-{c}.json"]["latency_ms"] < files[f"metrics/eval/controlnet-50-{c}.json"]["latency_ms"]
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("jdm").experiment_id], "tags.stage = 'evaluate'")
+    pairs = {(r.data.tags["method"], r.data.tags["condition"]) for r in runs}
+    assert {(m, c) for m in ("jdm", "controlnet-50") for c in CONDITIONS} <= pairs
+    assert all(ROW_METRICS <= set(r.data.metrics) for r in runs)  # the same names line up in the compare view
+    assert all(r.data.tags["method"] == "controlnet-50" for r in client.search_runs(
+        [runs[0].info.experiment_id], "tags.stage = 'controlnet-50'"))
+
+    report = work / "reports" / "main"
+    md = (report / "table.md").read_text()
+    assert md.count("| JDM (one step) |") == 4 and "16 samples vs 16 reference" in md and "NCT T1" in md
+    # per condition: control maps, teacher without control, JDM, ControlNet
+    check_page(report / "index.html", tmp_path, "main", rows=8, images=4 * 4)
+
+
+@pytest.mark.e2e
+def test_paper_pipeline_for_one_condition(smoke_workspace, tmp_path):
+    work = smoke_workspace
+    out = run(["dvc", "repro", "paper/dvc.yaml:evaluate-baseline@hed"], work, timeout=1200)
+    for stage in ("di", "denoising@hed", "baseline@implicit-hed", "baseline@wo-warmup-hed",
+                  "baseline@wo-modelling-hed", "evaluate-baseline@hed"):
+        assert f"Running stage 'paper/dvc.yaml:{stage}'" in out.stdout, stage
+    di = json.loads((work / "metrics/baselines/di.json").read_text())
+    assert di["method"] == "di" and "consistency" not in di  # no ControlNet, nothing to score
+    assert json.loads((work / "metrics/baselines/wo-warmup-hed.json").read_text())["generator_unchanged"] == 1.0
+    for method in PAPER_METHODS:
+        row = json.loads((work / f"metrics/eval/{method}-hed.json").read_text())
+        assert ROW_METRICS <= set(row) and row["nfe"] == 1
+    # the DI generator is a one-step text-to-image student without ControlNet
+    assert not (work / "models/baselines/di/generator/controlnet").exists()
+
+    report = tmp_path / "paper-hed"
+    methods = ",".join(("jdm", "controlnet-50") + PAPER_METHODS)
+    run(["jdm", "report", "--methods", methods, "--conditions", "hed", "--out", str(report)], work)
+    md = (report / "table.md").read_text()
+    assert "implicit ControlNet, plain VSD (Eq. 12)" in md and "JDM vs DI + teacher's ControlNet" in md
+    check_page(report / "index.html", tmp_path, "paper", rows=7, images=2 + 7)
+
+    bad = subprocess.run(["jdm", "evaluate", "hed", "--methods", "jdm,controlnet-5"], cwd=work, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown method(s) 'controlnet-5'; available: jdm, controlnet-50" in bad.stderr
