@@ -82,16 +82,17 @@ def test_table_in_dvc_metrics_mlflow_and_report(smoke_workspace, tmp_path):
 @pytest.mark.e2e
 def test_paper_pipeline_for_one_condition(smoke_workspace, tmp_path, monkeypatch, capsys):
     """Through DVC: the DI generator, Eq. 12 and Eq. 11 for hed (the ablations are the same phase code
-    with one setting changed; the whole DAG is checked by a dry run). Then the rows and the report."""
+    with one setting changed; the whole DAG is checked by `dvc dag`). Then the rows and the report."""
     from jdm.cli import main
 
     work = smoke_workspace
-    dry = run(["dvc", "repro", "--dry", "paper/dvc.yaml"], work).stdout
+    # the whole paper DAG: every baseline and ablation of every condition feeds the paper's report
+    dag = run(["dvc", "dag", "--dot", "paper/dvc.yaml:report-paper"], work).stdout
     for c in CONDITIONS:
-        for cmd in (f"jdm baseline implicit {c}", f"jdm baseline wo-warmup {c}", f"jdm baseline wo-modelling {c}",
-                    f"jdm baseline denoising {c}", f"jdm evaluate {c} --methods {','.join(PAPER_METHODS)}"):
-            assert cmd in dry, cmd
-    assert "jdm baseline di" in dry and "--out reports/paper" in dry
+        for stage in (f"baseline@implicit-{c}", f"baseline@wo-warmup-{c}", f"baseline@wo-modelling-{c}",
+                      f"denoising@{c}", f"evaluate-baseline@{c}", f"evaluate@{c}", f"controlnet@{c}"):
+            assert stage in dag, stage
+    assert '"paper/dvc.yaml:di"' in dag
 
     out = run(["dvc", "repro", "paper/dvc.yaml:baseline@implicit-hed", "paper/dvc.yaml:denoising@hed"], work,
               timeout=1200)
