@@ -583,8 +583,7 @@ def run_evaluate(params: Params, methods: list[str], name: str) -> None:
                        "latency_ms": latency_ms(sampler, hidden, mask, maps, params.evaluation.latency_repeats),
                        **score(samples, maps, classes, condition, classifier, fids)}
             mlflow.log_metrics(metrics)
-            shown = samples[:SAMPLES_SHOWN]
-            grid = image_grid(shown.expand(-1, 3, -1, -1) if shown.shape[1] == 1 else shown, nrow=SAMPLES_SHOWN)
+            grid = image_grid(samples[:SAMPLES_SHOWN], nrow=SAMPLES_SHOWN)  # make_grid turns gray into RGB
             mlflow.log_image(grid, f"{method}_{slug}_samples.png")
             SAMPLES.mkdir(parents=True, exist_ok=True)
             Image.fromarray(grid).save(SAMPLES / f"{method}-{slug}.png")
@@ -608,11 +607,10 @@ def run_report(params: Params, methods: list[str], conditions: list[str], out_di
             rows.append(json.loads(path.read_text()))
     prepared = jdata.PreparedData.load(PREPARED)
     teacher = load_tensors(REFERENCE / "samples.safetensors")["samples"][:SAMPLES_SHOWN].float() / 255
-    shown = lambda x: x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # noqa: E731
-    pictures = {"teacher": image_grid(shown(teacher), nrow=SAMPLES_SHOWN)}
+    pictures = {"teacher": image_grid(teacher, nrow=SAMPLES_SHOWN)}
     for name in conditions:
         maps = _held_out(params, prepared, name)[3][:SAMPLES_SHOWN]
-        pictures[f"maps-{condition_slug(name)}"] = image_grid(shown(maps), nrow=SAMPLES_SHOWN)
+        pictures[f"maps-{condition_slug(name)}"] = image_grid(maps, nrow=SAMPLES_SHOWN)
     with stage_run("report", params.profile, _section(params, "evaluation")) as mlflow:
         with atomic_dir(out_dir) as out:
             write_report(rows, methods, [condition_slug(c) for c in conditions], pictures, SAMPLES, out, params.profile)

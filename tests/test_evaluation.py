@@ -1,8 +1,6 @@
 """The comparison table's parts: FID with cached reference statistics, consistency, samplers and
 latency, the denoising baselines' training, and the report."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -175,4 +173,3 @@ def test_report_table_summary_and_page(tmp_path):
     assert page.count("<img ") == 2 * 4 and page.count("<tr><td>") == 4
     for name in ("maps-canny", "teacher", "jdm-hed", "controlnet-50-canny"):
         assert (out / f"{name}.png").is_file()
-    json.dumps(rows)  # rows are plain JSON (they come from metrics/eval/*.json)
