@@ -540,8 +540,10 @@ def _method_sampler(params: Params, method: str, name: str, backbone, null):
     path = controlnet_root / f"controlnet-{condition_slug(name)}"
     if generator_root is None:
         return _teacher_sampler(params, backbone, null, controlnet=load_controlnet(path)[1])
-    generator, _, meta = load_generator(generator_root / "generator", primary=True)
-    if name not in generator.names:
+    generator, _, _ = load_generator(generator_root / "generator", primary=True)
+    # the method's own ControlNet, unless it is the generator's primary one (JDM's warm-up condition):
+    # w/o modelling trains a canny ControlNet of its own on JDM's generator, whose primary is canny
+    if controlnet_root != generator_root or name not in generator.names:
         generator, _, _ = load_generator(generator_root / "generator", {name: path}, primary=False)
     return one_step_sampler(generator, name, backbone, params.data.image_size // backbone.factor)
 

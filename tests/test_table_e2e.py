@@ -121,3 +121,28 @@ def test_paper_pipeline_for_one_condition(smoke_workspace, tmp_path, monkeypatch
     capsys.readouterr()
     assert main(["evaluate", "hed", "--methods", "jdm,controlnet-5"]) == 2
     assert "unknown method(s) 'controlnet-5'; available: jdm, controlnet-50" in capsys.readouterr().err
+
+    # a method whose ControlNet is for the generator's primary condition gets its own ControlNet, not
+    # the primary: w/o modelling's canny ControlNet on JDM's generator (whose primary is canny)
+    import torch
+
+    from jdm import data as jdata
+    from jdm.config import load_params
+    from jdm.models.teacher import build_backbone
+    from jdm.pipeline import load_controlnet, save_controlnet
+    from jdm.stages import _held_out, _method_sampler
+
+    params = load_params(work / "params.yaml")
+    name, controlnet = load_controlnet(work / "models/jdm/generator/controlnet")
+    with torch.no_grad():
+        controlnet.controlnet_mid_block.weight.add_(0.5)  # a ControlNet that visibly differs from JDM's
+    own = work / "models/baselines/wo-modelling/controlnet-canny"
+    save_controlnet(controlnet, name, own)
+    try:
+        hidden, mask, _, maps, null = _held_out(params, jdata.PreparedData.load(work / "data/prepared"), "canny")
+        backbone = build_backbone(params)
+        samples = {m: _method_sampler(params, m, "canny", backbone, null).sample(
+            hidden[:4], mask[:4], maps[:4], torch.Generator().manual_seed(0)) for m in ("jdm", "wo-modelling")}
+        assert (samples["jdm"] - samples["wo-modelling"]).abs().max() > 1e-3
+    finally:
+        shutil.rmtree(own)
