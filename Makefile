@@ -1,4 +1,4 @@
-# One command each: `make run` (the embedded default, end to end), `make test`, `make ui`,
+# One command each: `make run` (the embedded default, end to end), `make test`, `make bench`, `make ui`,
 # `make serve` / `make stop` (Prefect server + worker + MLflow server on 127.0.0.1).
 # Both install everything first, once: a stamp in .venv records what was installed.
 SHELL := /bin/bash
@@ -18,7 +18,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run paper test ui serve stop remote clean-outputs
+.PHONY: install run paper test bench ui serve stop remote clean-outputs
 
 install: $(STAMP)
 
@@ -43,6 +43,14 @@ paper: install
 
 test: install
 	pytest -q
+
+# side-by-side timings, one JSON each in benchmarks/results/ (run alone: two torch processes on two
+# cores slow each other down by 4-40x). BENCH_PIPELINE=tiny times the main pipeline fresh (~1 h).
+BENCH_PIPELINE ?= smoke
+bench: install
+	python benchmarks/inference.py --profile $(PROFILE)
+	python benchmarks/jdm_iteration.py --profile $(PROFILE)
+	python benchmarks/pipeline.py --profile $(BENCH_PIPELINE)
 
 ui: install
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $${PORT:-5000}

@@ -1,12 +1,21 @@
 """One JDM iteration (generator + fake-score + LoRA updates) against one teacher denoising step,
-same batch and resolution, side by side in one process, with a breakdown per network pass.
+same batch and resolution, side by side in one process, with a breakdown per network pass and the
+overhead beyond the network passes the iteration needs.
 
-    python benchmarks/jdm_iteration.py [--profile tiny] [--batch N] [--repeats 3]
+The passes one iteration needs, each timed alone on the same inputs (`needed_passes`): the generator
+(UNet + ControlNet) forward and backward; the teacher and the fake score forward; the consistency
+model forward and backward to x_t (the condition gradient); then per fake-score update: the fake
+score forward and backward, the consistency model forward and backward to its LoRA, the EMA target's
+forward (and a fresh generator forward, no grad, after the first update, which reuses the
+generator's samples). Overhead = iteration - their sum: optimiser and EMA steps, noise, the
+condition's surrogate, loss arithmetic, Python.
+
+    python benchmarks/jdm_iteration.py [--profile tiny] [--batch N] [--repeats 5]
 
 The JDM settings (batch, fake-score steps per generator step, t_gen, LoRA rank, condition t-range)
 are the profile's `jdm` section unless given.
 
-Prints ratios, writes benchmarks/results/jdm_iteration.json. Run alone: two torch processes on two
+Prints ratios, writes benchmarks/results/jdm_iteration_<profile>_fake<N>.json. Run alone: two torch processes on two
 cores slow each other by 4-40x.
 """
 
@@ -14,22 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from jdm.conditions import load_condition
-from jdm.config import load_params
-from jdm.models.backbone import Backbone
-from jdm.models.lora import base_parameters
-from jdm.models.unet import build_noise_scheduler, build_unet
-from jdm.objectives import VPSchedule
-from jdm.models.fake_score import build_fake_score
-from jdm.training.jdm import JDMSettings, JDMTrainer
-from jdm.training.phases import ControlData, build_generator, unet_players
-from jdm.training.teacher import denoising_loss
+sys.path.insert(0, str(Path(__file__).parent))
+from shapes import machine, profile_nets, write_result  # noqa: E402
+
+from jdm.models.fake_score import build_fake_score  # noqa: E402
+from jdm.models.lora import base_parameters, consistency_mode  # noqa: E402
+from jdm.training.jdm import JDMSettings, JDMTrainer  # noqa: E402
+from jdm.training.phases import build_generator, unet_players  # noqa: E402
+from jdm.training.teacher import denoising_loss  # noqa: E402
 
 
 class PassTimer:
@@ -50,27 +58,92 @@ class PassTimer:
         module.forward = timed
 
 
+def seconds_per_call(fn, repeats: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def needed_passes(generator, teacher, fake, lora, control: dict, hidden, mask, size: int, fake_steps: int,
+                  repeats: int, g: torch.Generator) -> dict[str, float]:
+    """Seconds per iteration of each network pass a JDM iteration needs, each timed alone (module doc)."""
+    n = len(hidden)
+    z = torch.randn(n, 1, size, size, generator=g)
+    t = torch.randint(20, 980, (n,), generator=g)
+
+    def eps(net, x):
+        return net(x, t, encoder_hidden_states=hidden, encoder_attention_mask=mask).sample
+
+    def generator_forward_backward():
+        generator(z, hidden, mask, control).sum().backward()
+        generator.zero_grad(set_to_none=True)
+
+    def fake_forward_backward():
+        eps(fake, z).sum().backward()
+        fake.zero_grad(set_to_none=True)
+
+    def consistency_grad_to_x():
+        x = z.clone().requires_grad_(True)
+        with consistency_mode(fake):
+            torch.autograd.grad(eps(fake, x).sum(), x)
+
+    def consistency_grad_to_lora():
+        with consistency_mode(fake):
+            torch.autograd.grad(eps(fake, z).sum(), lora)
+
+    def no_grad(fn):
+        def call():
+            with torch.no_grad():
+                fn()
+        return call
+
+    def consistency_forward():
+        with consistency_mode(fake):
+            eps(fake, z)
+
+    per_call = {"generator_forward_backward": generator_forward_backward,
+                "teacher_forward": no_grad(lambda: eps(teacher, z)),
+                "fake_score_forward": no_grad(lambda: eps(fake, z)),
+                "consistency_forward_backward_to_x": consistency_grad_to_x,
+                "fake_score_forward_backward": fake_forward_backward,
+                "consistency_forward_backward_to_lora": consistency_grad_to_lora,
+                "consistency_target_forward": no_grad(consistency_forward),
+                "generator_forward": no_grad(lambda: generator(z, hidden, mask, control))}
+    calls = {"generator_forward_backward": 1, "teacher_forward": 1, "fake_score_forward": 1,
+             "consistency_forward_backward_to_x": 1, "fake_score_forward_backward": fake_steps,
+             "consistency_forward_backward_to_lora": fake_steps, "consistency_target_forward": fake_steps,
+             "generator_forward": fake_steps - 1}
+    return {name: calls[name] * seconds_per_call(fn, repeats) for name, fn in per_call.items() if calls[name]}
+
+
+def optimizer_step_seconds(params: list[torch.nn.Parameter], repeats: int) -> dict[str, float]:
+    """AdamW's step over the generator's trainable weights: torch's default (foreach) against fused."""
+    out = {}
+    for name, kwargs in (("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        copies = [torch.nn.Parameter(q.detach().clone()) for q in params]
+        for q in copies:
+            q.grad = torch.randn_like(q)
+        opt = torch.optim.AdamW(copies, lr=1e-5, **kwargs)
+        out[name] = seconds_per_call(opt.step, 5 * repeats)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="tiny")
     ap.add_argument("--batch", type=int, default=None, help="default: the profile's jdm.batch_size")
     ap.add_argument("--fake-steps", type=int, default=None, help="default: the profile's jdm.fake_steps")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    params = load_params(Path("profiles") / f"{args.profile}.yaml")
-    p = params.jdm
+    nets = profile_nets(args.profile)
+    p = nets.params.jdm
     args.batch = args.batch or p.batch_size
     fake_steps = args.fake_steps or p.fake_steps
-    torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    size = params.data.image_size
-    teacher = build_unet(params.teacher.unet, size, 1, 384)
-    noise_scheduler = build_noise_scheduler(params.teacher)
-    schedule = VPSchedule.from_scheduler(noise_scheduler)
-    condition, backbone = load_condition("canny", params), Backbone(1)
-    images = torch.rand(256, 1, size, size, generator=g)
-    data = ControlData(condition.extract(images), torch.randint(1, 41, (256,), generator=g),
-                       torch.randn(41, 16, 384, generator=g), torch.ones(41, 16, dtype=torch.long))
+    size, teacher, noise_scheduler, schedule = nets.size, nets.teacher, nets.noise_scheduler, nets.schedule
+    condition, backbone, data, images = nets.condition, nets.backbone, nets.data, nets.images
 
     # the teacher's own training step, the unit everything is measured in
     opt = torch.optim.AdamW(teacher.parameters(), lr=1e-4)
@@ -115,16 +188,26 @@ def main() -> None:
         trainer.step()
     jdm_s = (time.perf_counter() - start) / args.repeats
     forward = {k: v / args.repeats for k, v in timer.seconds.items()}
-    result = {"profile": args.profile, "batch": args.batch, "fake_steps": fake_steps, "threads": torch.get_num_threads(),
+    calls = {k: v / args.repeats for k, v in timer.calls.items()}  # before the passes below add theirs
+    needed = needed_passes(generator, teacher, fake, lora, {condition.name: data.maps[:args.batch]}, hidden, mask,
+                           size, fake_steps, args.repeats, g)
+    needed_s = sum(needed.values())
+    adamw = optimizer_step_seconds([q for q in generator.parameters() if q.requires_grad], args.repeats)
+    result = {"profile": args.profile, "batch": args.batch, "resolution": size, "fake_steps": fake_steps,
               "teacher_step_s": teacher_s, "jdm_iteration_s": jdm_s, "ratio": jdm_s / teacher_s,
               "forward_s_per_iteration": forward,
-              "forward_calls_per_iteration": {k: v / args.repeats for k, v in timer.calls.items()},
-              "backward_and_optimizer_s": jdm_s - sum(forward.values())}
+              "forward_calls_per_iteration": calls,
+              "backward_and_optimizer_s": jdm_s - sum(forward.values()),
+              "needed_passes_s": needed, "needed_passes_total_s": needed_s,
+              "overhead_s": jdm_s - needed_s, "overhead_fraction": (jdm_s - needed_s) / needed_s,
+              "generator_adamw_step_s": adamw, "fused_vs_foreach": adamw["foreach"] / adamw["fused"],
+              "machine": machine()}
     print(json.dumps(result, indent=2))
-    print(f"one JDM iteration = {result['ratio']:.2f} teacher denoising steps (batch {args.batch}, {size}x{size})")
-    out = Path(f"benchmarks/results/jdm_iteration_{args.profile}_fake{fake_steps}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(f"jdm_iteration_{args.profile}_fake{fake_steps}", result)
+    print(f"one JDM iteration = {result['ratio']:.2f} teacher denoising steps (batch {args.batch}, {size}x{size}, "
+          f"{fake_steps} fake-score update(s)); its network passes alone take {needed_s:.3f} s of its {jdm_s:.3f} s: "
+          f"overhead {100 * result['overhead_fraction']:.1f}%; fused AdamW step "
+          f"{result['fused_vs_foreach']:.2f}x as fast as foreach -> {out}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import subprocess
 import urllib.error
 import urllib.request
@@ -97,6 +98,8 @@ def stage_run(stage: str, profile: str, params: dict, condition: str | None = No
         mlflow.log_params(flatten(params))
         _check_artifact_store(mlflow, params)
         yield mlflow
+        # the stage process's peak memory so far (ru_maxrss is KiB on Linux): what a worker must have
+        mlflow.log_metric("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:

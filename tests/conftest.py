@@ -36,16 +36,9 @@ def plugin_dir(tmp_path, monkeypatch):
 
 def workspace_copy(dst):
     """The repository as a clean clone would have it (tracked and untracked-but-not-ignored files)."""
-    import shutil
-    import subprocess
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dst / rel)
-    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
-    return dst
+    sys.path.insert(0, str(REPO / "infra"))
+    from workspace import clean_copy
+    return clean_copy(dst)
 
 
 def run(cmd, cwd, timeout=600, env=None):
