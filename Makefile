@@ -17,8 +17,11 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TRANSFORMERS_OFFLINE := 1
+# bounded S3 retries with backoff for DVC and MLflow (jdm/env.py); yours win if set
+export AWS_RETRY_MODE ?= standard
+export AWS_MAX_ATTEMPTS ?= 3
 
-.PHONY: install run paper test bench ui serve stop remote clean-outputs
+.PHONY: install run paper test bench ui serve stop remote push pull clean-outputs
 
 install: $(STAMP)
 
@@ -67,3 +70,8 @@ remote:
 	@test -n "$(S3_URL)" || { echo "usage: make remote S3_URL=s3://bucket/prefix [S3_ENDPOINT=http://host:port]"; exit 2; }
 	dvc remote add --local --default --force team $(S3_URL)
 	$(if $(S3_ENDPOINT),dvc remote modify --local team endpointurl $(S3_ENDPOINT))
+
+# dvc push / dvc pull after one check that the default remote answers (infra/remote.py): an endpoint
+# that is down fails in seconds, named, instead of after DVC's per-object retries. ARGS go to DVC.
+push pull:
+	$(BIN)/python infra/remote.py $@ $(ARGS)

@@ -43,11 +43,11 @@ def _locked(ws: Path):
 
 
 def _run(cmd: list[str], ws: Path) -> str:
-    from jdm.env import OFFLINE_ENV
+    from jdm.env import tool_env
 
     logger = get_run_logger()
     logger.info("$ %s   (in %s)", " ".join(cmd), ws)
-    env = {**os.environ, **OFFLINE_ENV}
+    env = tool_env()
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     with _locked(ws):
         out = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True)

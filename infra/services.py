@@ -28,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from jdm.env import OFFLINE_ENV  # noqa: E402
+from jdm.env import tool_env  # noqa: E402
 
 POOL = "jdm-local"
 LOCAL_DEPLOYMENTS = ("add-control", "reproduce")
@@ -57,7 +57,7 @@ class Services:
     # -- environment -------------------------------------------------------------------------
     def env(self, prefect_port: int, mlflow_port: int) -> dict[str, str]:
         """What every service, the worker and its flow runs see (the CLI too, via `make`)."""
-        env = {**os.environ, **OFFLINE_ENV}
+        env = tool_env()
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         env.update(PREFECT_API_URL=f"http://127.0.0.1:{prefect_port}/api",
                    PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(prefect_port),
@@ -124,9 +124,14 @@ class Services:
         for name in LOCAL_DEPLOYMENTS:
             deploy += ["--name", name]
         self._cli(deploy, env)
-        self._start("prefect-worker", [f"{bin_dir}/prefect", "worker", "start", "--pool", POOL, "--type", "process"], env)
+        self.start_worker(env)
         self._wait("mlflow-server", f"http://127.0.0.1:{mlflow_port}/health", mlflow, timeout)
         return {"prefect": f"http://127.0.0.1:{prefect_port}", "mlflow": f"http://127.0.0.1:{mlflow_port}"}
+
+    def start_worker(self, env: dict) -> subprocess.Popen:
+        """The process worker that runs the deployments' flow runs (again, after one was lost)."""
+        prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
+        return self._start("prefect-worker", [prefect, "worker", "start", "--pool", POOL, "--type", "process"], env)
 
     def stop(self, timeout: float = 20) -> list[str]:
         """Stop what `serve` started: the worker first (it stops on SIGINT, not SIGTERM), then the servers."""

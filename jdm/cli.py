@@ -13,7 +13,7 @@ set_offline_env()  # before any tool that might phone home is imported
 
 from .errors import UserError  # noqa: E402
 from .config import PROFILES, ParamsError, load_params, profile_path  # noqa: E402
-from .training.errors import TrainingDiverged  # noqa: E402
+from .training.errors import TrainingStopped  # noqa: E402
 
 STAGES = ("data", "annotator", "conditions", "teacher", "evaluate-teacher", "warmup", "extend", "controlnet",
           "reference")
@@ -74,18 +74,30 @@ def cmd_stage(args) -> None:
 
 
 def _read_control(path: str) -> "torch.Tensor":
-    """A control map image as [1, C, H, W] in [0,1]: grayscale PNG -> 1 channel, RGB -> 3."""
+    """A control map image as [1, C, H, W] in [0,1]: grayscale -> 1 channel, RGB -> 3; 8-bit (L, RGB,
+    and RGBA/P/1 converted) or 16-bit grayscale (depth maps often are)."""
     import numpy as np
     import torch
     from PIL import Image
 
     try:
         image = Image.open(path)
-    except (OSError, ValueError) as err:
+        image.load()  # a truncated file fails here, not inside the network
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise UserError(f"control map {path!r} is not a readable image ({err})") from None
-    if image.mode not in ("L", "RGB"):
-        image = image.convert("RGB" if len(image.getbands()) >= 3 else "L")
-    array = np.asarray(image, dtype=np.float32) / 255
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        if array.min() < 0 or array.max() > 65535:
+            raise UserError(f"control map {path!r} has 32-bit values in [{array.min():.0f}, {array.max():.0f}]; "
+                            f"allowed: 8-bit or 16-bit images")
+        array = (array / 65535).astype(np.float32)
+    elif image.mode in ("L", "RGB", "LA", "RGBA", "P", "PA", "1"):
+        if image.mode not in ("L", "RGB"):
+            image = image.convert("RGB" if len(image.getbands()) >= 3 else "L")
+        array = np.asarray(image, dtype=np.float32) / 255
+    else:
+        raise UserError(f"control map {path!r} has pixel mode {image.mode}; allowed: 8-bit grayscale or RGB "
+                        f"(L, RGB, RGBA, P) or 16-bit grayscale (I;16)")
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(array.copy())[None]
 
@@ -156,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UserError, FileNotFoundError, ConnectionError, TrainingDiverged) as err:
+    except (UserError, FileNotFoundError, ConnectionError, TrainingStopped) as err:
         print(f"jdm {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

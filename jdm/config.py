@@ -173,7 +173,6 @@ class JDMParams(Section):
     adam_betas: tuple[float, float] = (0.0, 0.99)   # DMD2's choice for the generator and the fake score
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)   # EMA of the trained generator weights; 0 = none
     prompt_dropout: float = Field(0.0, ge=0.0, le=1.0)
-    checkpoint_every: PositiveInt = 50
     log_every: PositiveInt = 10
     eval_samples: PositiveInt = 256       # held-out control maps scored after training
     eval_every: int = Field(0, ge=0)      # also score 64 of them every N steps (0 = only at the end)
@@ -212,6 +211,15 @@ class BaselinesParams(Section):
     denoising_lr: PositiveFloat = 1e-3
 
 
+class CheckpointParams(Section):
+    """Every training stage (teacher, ControlNets, both JDM phases) saves its whole state every `every`
+    steps and keeps the newest `keep` files; a rerun resumes. Not a DVC param of any stage: where and
+    how often a run is saved changes no result (tests/test_pipeline_e2e.py kills and resumes a stage
+    and gets the uninterrupted weights bit for bit), so changing it reruns nothing."""
+    every: PositiveInt = 50
+    keep: PositiveInt = 2
+
+
 class Params(Section):
     profile: Literal["smoke", "tiny", "sd15"]
     seed: int = 0
@@ -227,6 +235,7 @@ class Params(Section):
     extend: ExtendParams = ExtendParams()
     controlnet: ControlNetParams = ControlNetParams()
     baselines: BaselinesParams = BaselinesParams()
+    checkpoint: CheckpointParams = CheckpointParams()
 
     @model_validator(mode="after")
     def _t_gen_in_schedule(self):

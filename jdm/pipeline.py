@@ -61,19 +61,35 @@ def load_generator(generator_dir: str | Path, controlnets: dict[str, str | Path]
     generator_dir = Path(generator_dir)
     if not (generator_dir / GENERATOR_CONFIG).is_file():
         raise FileNotFoundError(f"no JDM generator at {generator_dir}: run the `warmup` stage first (`dvc repro warmup`)")
-    meta = json.loads((generator_dir / GENERATOR_CONFIG).read_text())
-    unet = UNet2DConditionModel.from_pretrained(generator_dir, subfolder="unet").eval().requires_grad_(False)
-    noise_scheduler = DDPMScheduler.from_pretrained(generator_dir, subfolder="scheduler")
+    meta = _loaded(generator_dir, lambda: json.loads((generator_dir / GENERATOR_CONFIG).read_text()))
+    unet = _loaded(generator_dir / "unet", lambda: UNet2DConditionModel.from_pretrained(generator_dir, subfolder="unet"))
+    unet.eval().requires_grad_(False)
+    noise_scheduler = _loaded(generator_dir / "scheduler",
+                              lambda: DDPMScheduler.from_pretrained(generator_dir, subfolder="scheduler"))
     nets = {}
     if primary and (generator_dir / "controlnet").is_dir():
-        name, net = load_controlnet(generator_dir / "controlnet")
+        name, net = _loaded(generator_dir / "controlnet", lambda: load_controlnet(generator_dir / "controlnet"))
         nets[name] = net
     for name, path in (controlnets or {}).items():
-        saved_name, nets[name] = load_controlnet(path)
+        saved_name, nets[name] = _loaded(Path(path), lambda: load_controlnet(path))
         if saved_name != name:
             raise UserError(f"ControlNet at {path} was trained for condition {saved_name!r}, not {name!r}")
     generator = OneStepGenerator(unet, nets, VPSchedule.from_scheduler(noise_scheduler), meta["t_gen"])
     return generator, noise_scheduler, meta
+
+
+def _loaded(folder: Path, load):
+    """`load()`, with a damaged or missing file (truncated weights, bad JSON) reported as the folder it
+    is in and how to get it back, instead of a loader's traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        return load()
+    except UserError:
+        raise
+    except (OSError, ValueError, SafetensorError) as err:  # JSONDecodeError is a ValueError
+        raise UserError(f"{folder} cannot be loaded ({str(err).strip().splitlines()[0]}); restore it with "
+                        f"`dvc checkout` or retrain it with `dvc repro`") from None
 
 
 class OneStepControlPipeline:
@@ -114,6 +130,8 @@ class OneStepControlPipeline:
         return list(self.generator.names)
 
     def check_controls(self, controls: dict[str, torch.Tensor], n: int) -> None:
+        if n == 0:
+            raise UserError("no prompts given: pass at least one (the empty string is the unconditional prompt)")
         for name, c in controls.items():
             if name not in self.generator.names:
                 raise UserError(f"no ControlNet loaded for condition {name!r}; loaded: {', '.join(self.conditions) or 'none'}")
@@ -121,10 +139,17 @@ class OneStepControlPipeline:
             if tuple(c.shape) != want:
                 raise UserError(f"control map for {name!r} must have shape {list(want)} ([N, channels, H, W] in [0,1]), "
                                 f"got {list(c.shape)}")
+            if not c.is_floating_point():
+                raise UserError(f"control map for {name!r} must be a float tensor in [0,1], got dtype {c.dtype} "
+                                f"(divide 8-bit images by 255)")
+            low, high = c.min().item(), c.max().item()
+            if low < 0 or high > 1:
+                raise UserError(f"control map for {name!r} must lie in [0,1], got values in [{low:.4g}, {high:.4g}]")
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], controls: dict[str, torch.Tensor] | None = None, *,
+    def __call__(self, prompts: str | list[str], controls: dict[str, torch.Tensor] | None = None, *,
                  scales: dict[str, float] | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)  # one prompt, as diffusers' pipelines take
         controls = controls or {}
         self.check_controls(controls, len(prompts))
         hidden, mask = self.text_encoder.encode(prompts)

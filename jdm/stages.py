@@ -16,6 +16,7 @@ from .config import Params
 from .io import atomic_dir, save_tensors, write_json
 from .conditions import condition_slug
 from .tracking import image_grid, stage_run
+from .training.checkpoint import remove_checkpoint
 
 PREPARED = Path("data/prepared")
 CONDITIONS = Path("data/conditions")
@@ -37,6 +38,11 @@ def _setup(params: Params) -> None:
 def _section(params: Params, *names: str) -> dict:
     dumped = params.model_dump(mode="json")
     return {"seed": params.seed, **{n: dumped[n] for n in names}}
+
+
+def _checkpoint(params: Params, directory: Path, settings: dict):
+    from .training.checkpoint import CheckpointSpec
+    return CheckpointSpec(directory, settings, params.checkpoint.every, params.checkpoint.keep)
 
 
 def _logger(mlflow):
@@ -162,10 +168,12 @@ def run_teacher(params: Params) -> None:
     p = params.teacher
     # gloo across CPU processes when there is no GPU (torch elastic sets LOCAL_RANK for each process)
     state = PartialState(cpu=not torch.cuda.is_available())
+    checkpoint = _checkpoint(params, CHECKPOINTS / "teacher", _section(params, "teacher"))
     if not state.is_main_process:
         if not p.pretrained:
             prepared = jdata.PreparedData.load(PREPARED)
-            train_teacher(p, prepared.split("train"), prepared.embeddings(), build_backbone(params), seed=params.seed)
+            train_teacher(p, prepared.split("train"), prepared.embeddings(), build_backbone(params), seed=params.seed,
+                          checkpoint=checkpoint)
         return
     with stage_run("teacher", params.profile, _section(params, "teacher")) as mlflow:
         with atomic_dir(TEACHER) as out:
@@ -176,13 +184,15 @@ def run_teacher(params: Params) -> None:
                 prepared = jdata.PreparedData.load(PREPARED)
                 start = time.perf_counter()
                 unet, noise_scheduler = train_teacher(p, prepared.split("train"), prepared.embeddings(),
-                                                      build_backbone(params), seed=params.seed, log=_logger(mlflow))
+                                                      build_backbone(params), seed=params.seed, log=_logger(mlflow),
+                                                      checkpoint=checkpoint)
                 metrics = {"train_seconds": time.perf_counter() - start,
                            "num_parameters": sum(q.numel() for q in unet.parameters()),
                            "num_processes": state.num_processes}
                 save_teacher(unet, noise_scheduler, out)
         mlflow.log_metrics(metrics)
         write_json(metrics, METRICS / "teacher-train.json")
+    remove_checkpoint(checkpoint.directory)  # the outputs are saved: the checkpoint has done its job
 
 
 def run_evaluate_teacher(params: Params) -> None:
@@ -332,7 +342,6 @@ def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") ->
     from .models.teacher import build_backbone, load_teacher
     from .objectives import VPSchedule
     from .pipeline import load_generator, save_controlnet, save_generator
-    from .training.checkpoint import remove_checkpoint
     from .training.phases import build_generator, train_phase
 
     _setup(params)
@@ -368,8 +377,8 @@ def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") ->
     with stage_run(stage, params.profile, stage_params, condition=name, tags={"method": method}) as mlflow:
         start = time.perf_counter()
         resumed_from = train_phase(generator, teacher_unet, fake, lora, condition, data, backbone, schedule, p, steps,
-                                   train_unet=shared_unet is None, seed=params.seed, checkpoint_dir=ckpt_dir,
-                                   settings=_phase_settings(params, phase, name, method), log=_logger(mlflow),
+                                   train_unet=shared_unet is None, seed=params.seed, log=_logger(mlflow),
+                                   checkpoint=_checkpoint(params, ckpt_dir, _phase_settings(params, phase, name, method)),
                                    evaluate=evaluate)
         metrics = {"train_seconds": time.perf_counter() - start, "steps": steps, "resumed_from_step": resumed_from}
         if v.with_controlnet:
@@ -442,7 +451,10 @@ def run_controlnet_baseline(params: Params, name: str, method: str) -> None:
     with stage_run(method, params.profile, _section(params, section), condition=name,
                    tags={"method": method}) as mlflow:
         start = time.perf_counter()
-        controlnet = train_controlnet(controlnet, loss, data, backbone, seed=params.seed, log=_logger(mlflow), **settings)
+        checkpoint = _checkpoint(params, CHECKPOINTS / f"{method}-{condition_slug(name)}",
+                                 {**_section(params, section), "condition": name, "method": method})
+        controlnet = train_controlnet(controlnet, loss, data, backbone, seed=params.seed, log=_logger(mlflow),
+                                      checkpoint=checkpoint, **settings)
         metrics = {"train_seconds": time.perf_counter() - start, "steps": settings["steps"]}
         with atomic_dir(out_dir) as out:
             save_controlnet(controlnet, name, out)
@@ -451,6 +463,7 @@ def run_controlnet_baseline(params: Params, name: str, method: str) -> None:
         write_json({"condition": name, "method": method, **metrics},
                    METRICS / "baselines" / f"{method}-{condition_slug(name)}.json")
         print(f"{method} {name}: {json.dumps(metrics)}")
+    remove_checkpoint(checkpoint.directory)
 
 
 # --- the comparison table -----------------------------------------------------------------------------

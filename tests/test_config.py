@@ -28,6 +28,8 @@ def test_committed_params_is_the_embedded_default():
     (lambda r: r.update(profile="huge"), ["profile", "'smoke', 'tiny' or 'sd15'", "'huge'"]),
     (lambda r: r["data"].update(image_size=20), ["multiple of 8", "20"]),
     (lambda r: r["data"].update(templates=["no slot"]), ["'no slot'", "'{}'"]),
+    (lambda r: r["data"].update(templates=[]), ["data.templates", "at least 1 item"]),
+    (lambda r: r["checkpoint"].update(keep=0), ["checkpoint.keep", "greater than 0"]),
     (lambda r: r["evaluation"].update(sampler="euler"), ["evaluation.sampler", "'ddim' or 'unipc'"]),
     (lambda r: r.update(bogus={}), ["bogus: unknown key", "teacher"]),
 ])
@@ -65,3 +67,11 @@ def test_profile_switch_keeps_user_edits(tmp_path):
     assert params.read_text() == edited  # nothing lost
     assert run("smoke", "--force").returncode == 0 and load_params(params).profile == "smoke"
     assert run("nope").returncode == 2
+
+
+def test_unreadable_params_files_are_named(tmp_path):
+    (tmp_path / "params.yaml").write_text("teacher:\n  steps: [1,\n")
+    with pytest.raises(ParamsError, match=r"params.yaml is not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+    with pytest.raises(ParamsError, match=r"nowhere.yaml not found: run from the repository root"):
+        load_params(tmp_path / "nowhere.yaml")

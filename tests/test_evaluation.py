@@ -14,6 +14,7 @@ from jdm.models.unet import build_noise_scheduler, build_unet
 from jdm.objectives import VPSchedule
 from jdm.report import summary, write_report
 from jdm.training.controlnet import generator_regression_loss, teacher_loss, train_controlnet
+from jdm.training.errors import TrainingDiverged
 from jdm.training.phases import ControlData
 
 
@@ -127,19 +128,40 @@ def test_eq11_denoising_controlnet_learns_to_transfer_the_control(teacher):
     assert all(not q.requires_grad for q in unet.parameters())  # the generator stays frozen
 
 
-def test_teacher_controlnet_trains_and_stops_on_nan(teacher):
+def test_teacher_controlnet_trains_resumes_and_stops_on_nan(teacher, tmp_path):
     unet, noise_scheduler = teacher
     frozen = {k: v.clone() for k, v in unet.state_dict().items()}
-    controlnet = controlnet_from_unet(unet, 1, 1)
+
+    def fresh():  # the conditioning embedding is randomly initialised
+        torch.manual_seed(1)
+        return controlnet_from_unet(unet, 1, 1)
+    controlnet = fresh()
     loss_fn = teacher_loss(unet, noise_scheduler, snr_gamma=5.0)
     trained = train_controlnet(controlnet, loss_fn, identity_data(), Backbone(1), steps=3, batch_size=8, lr=1e-3,
                                prompt_dropout=0.5, seed=0)
     zero_convs = [q for n, q in trained.named_parameters() if n.startswith(("controlnet_down_blocks", "controlnet_mid_block"))]
     assert zero_convs and any(q.abs().sum() > 0 for q in zero_convs)  # the zero convolutions have moved
     assert all(torch.equal(frozen[k], v) for k, v in unet.state_dict().items())
+    # interrupted after its checkpoint of step 2 and rerun: the same weights as the unbroken run above
+    from jdm.training.checkpoint import CheckpointSpec
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(step, values):
+        if step == 3:
+            raise Crash()
+    spec = CheckpointSpec(tmp_path, {"test": 1}, every=2)
+    with pytest.raises(Crash):
+        train_controlnet(fresh(), loss_fn, identity_data(), Backbone(1), steps=3, batch_size=8,
+                         lr=1e-3, prompt_dropout=0.5, seed=0, log=crash_at_3, checkpoint=spec)
+    resumed = train_controlnet(fresh(), loss_fn, identity_data(), Backbone(1), steps=3,
+                               batch_size=8, lr=1e-3, prompt_dropout=0.5, seed=0, checkpoint=spec)
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), resumed.state_dict().values()))
+
     nan_data = identity_data()
     nan_data.images[:] = float("nan")
-    with pytest.raises(FloatingPointError, match="at step 1"):
+    with pytest.raises(TrainingDiverged, match="diverged at step 1: ControlNet denoising loss is nan"):
         train_controlnet(controlnet_from_unet(unet, 1, 1), loss_fn, nan_data, Backbone(1), steps=3, batch_size=8,
                          lr=1e-3, prompt_dropout=0.0, seed=0)
 

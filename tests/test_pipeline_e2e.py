@@ -3,6 +3,7 @@ its outputs, and leaves one MLflow run; a second `dvc repro` has nothing to do."
 
 import json
 import os
+import re
 import subprocess
 import warnings
 
@@ -126,6 +127,49 @@ def test_one_step_sampling_cli(smoke_workspace, tmp_path, capsys):
         assert sample("hed", tmp_path / "hed.png", "a photo of an ankle boot " * 10, out="long.png") == 0
     assert any("truncated" in str(w.message) for w in caught)
 
+    # the rest of the bad-input catalogue (README): unreadable, truncated and odd-typed images, unicode and
+    # empty prompts, damaged weights
+    (tmp_path / "garbage.png").write_bytes(b"not an image at all")
+    good = (tmp_path / "hed.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(good[:len(good) // 2])
+    for bad_file in ("garbage.png", "truncated.png", "missing.png"):
+        assert sample("hed", tmp_path / bad_file, "x") == 2
+        assert "is not a readable image" in capsys.readouterr().err
+    Image.fromarray(maps["hed"].astype(np.float32), mode="F").save(tmp_path / "float.tiff")
+    assert sample("hed", tmp_path / "float.tiff", "x") == 2
+    assert "pixel mode F; allowed: 8-bit grayscale or RGB" in capsys.readouterr().err
+    deep = (maps["hed"].astype(np.uint32) * 257).astype(np.uint16)  # the same map as a 16-bit PNG
+    Image.fromarray(deep).save(tmp_path / "hed16.png")
+    assert sample("hed", tmp_path / "hed16.png", "a photo of an ankle boot", out="deep.png") == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "deep.png")), image)  # 16-bit / 65535 == 8-bit / 255
+    assert sample("hed", tmp_path / "hed.png", "une botte à lacets — 靴 👢", out="unicode.png") == 0
+    assert sample("hed", tmp_path / "hed.png", "", out="empty.png") == 0  # the unconditional prompt
+    assert not (tmp_path / "no.png").exists()
+
+    import shutil
+    models = tmp_path / "models"
+    shutil.copytree(work / "models/jdm", models)
+    weights = models / "controlnet-hed/diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(["sample", "--condition", "hed", "--control", str(tmp_path / "hed.png"), "--prompt", "x",
+                 "--out", str(tmp_path / "no.png"), "--models", str(models)]) == 2
+    err = capsys.readouterr().err
+    assert f"{models / 'controlnet-hed'} cannot be loaded" in err and "dvc checkout" in err, err
+
+    # the library refuses what the CLI cannot produce: no prompts, integer or out-of-range maps
+    import torch
+
+    from jdm.errors import UserError
+    from jdm.pipeline import OneStepControlPipeline
+    pipe = OneStepControlPipeline.from_workspace(work / "models/jdm", ["hed"])
+    hed = torch.from_numpy(maps["hed"]).float()[None, None] / 255
+    for prompts, control, message in [([], hed[:0], "no prompts given"),
+                                      (["x"], (hed * 255).byte(), "must be a float tensor in [0,1], got dtype torch.uint8"),
+                                      (["x"], hed * 255, "must lie in [0,1]")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            pipe(prompts, {"hed": control})
+    assert pipe("a photo of a boot", {"hed": hed}).shape == (1, 1, 16, 16)  # one prompt as a string
+
 
 def digest(folder):
     import hashlib
@@ -134,37 +178,44 @@ def digest(folder):
 
 @pytest.mark.e2e
 def test_extension_resumes_from_its_checkpoint_after_a_kill(smoke_workspace):
+    """SIGKILL at a random point after the first checkpoint; the rerun resumes from the newest one and
+    ends with the same weights, bit for bit, as an unbroken run (CPU, same threads: deterministic)."""
+    import random
     import signal
     import time
 
     from safetensors.torch import load_file
 
     work = smoke_workspace
-    pf = params_file(work, "resume.yaml", extend={"steps": 20}, jdm={"checkpoint_every": 5, "eval_every": 0})
+    pf = params_file(work, "resume.yaml", extend={"steps": 20}, jdm={"eval_every": 0}, checkpoint={"every": 5, "keep": 2})
     cmd = ["jdm", "--params", pf, "extend", "sr"]
-    state = work / "checkpoints/extend-sr/state.pt"
+    ckpt_dir = work / "checkpoints/extend-sr"
     proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
+    while not list(ckpt_dir.glob("step-*.safetensors")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    delay = random.uniform(0, 3)  # a step here takes ~0.2 s: anywhere from step 5 to the end
+    time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert state.exists(), "no checkpoint written before the kill"
+    kept = sorted(p.name for p in ckpt_dir.glob("step-*.safetensors"))
+    assert kept and len(kept) <= 2, kept  # bounded
     resumed = run(cmd, work)
     step = int(resumed.stdout.split("resumed from the checkpoint of step ")[1].split()[0])
-    assert step >= 5 and step % 5 == 0
-    assert not state.exists()  # removed once the outputs are saved
+    assert step >= 5 and step % 5 == 0 and kept[-1] == f"step-{step:08d}.safetensors", (delay, kept, step)
+    assert not ckpt_dir.exists()  # removed once the outputs are saved
     interrupted = load_file(work / "models/jdm/controlnet-sr/diffusion_pytorch_model.safetensors")
     fresh = run(cmd, work)
     assert "resumed from" not in fresh.stdout
     uninterrupted = load_file(work / "models/jdm/controlnet-sr/diffusion_pytorch_model.safetensors")
-    # all state (weights, optimisers, EMA target, RNGs) came back: the same weights as one unbroken run
-    assert all(torch_allclose(interrupted[k], uninterrupted[k]) for k in uninterrupted)
+    # all state (weights, optimisers, EMA target, RNGs, data position) came back: one unbroken run's weights
+    assert interrupted.keys() == uninterrupted.keys()
+    assert all(torch_equal(interrupted[k], uninterrupted[k]) for k in uninterrupted), f"killed {delay:.2f} s after step 5"
 
 
-def torch_allclose(a, b):
+def torch_equal(a, b):
     import torch
-    return torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    return torch.equal(a, b)
 
 
 PLUGIN = '''
@@ -209,9 +260,9 @@ def test_plugin_condition_extends_the_frozen_generator_and_a_nan_stops_with_the_
     ext = json.loads((work / "metrics/extend-user_conditions-Blur.json").read_text())
     assert ext["generator_unchanged"] == 1.0 and ext["consistency"] >= 0
 
-    pf = params_file(work, "nan.yaml", jdm={"checkpoint_every": 2}, extend={"steps": 8})
+    pf = params_file(work, "nan.yaml", checkpoint={"every": 2, "keep": 2}, extend={"steps": 8})
     bad = run_fail(["jdm", "--params", pf, "extend", "user_conditions:BlurNanAt5"], work, env)
     assert "diverged at step 5" in bad.stderr and "checkpoint of step 4 is kept" in bad.stderr, bad.stderr[-2000:]
-    assert (work / "checkpoints/extend-user_conditions-BlurNanAt5/state.pt").is_file()
+    assert (work / "checkpoints/extend-user_conditions-BlurNanAt5/step-00000004.safetensors").is_file()
     assert not (work / "models/jdm/controlnet-user_conditions-BlurNanAt5").exists()
     assert digest(work / "models/jdm/generator") == generator_before

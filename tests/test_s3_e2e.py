@@ -3,6 +3,7 @@ and `dvc push` / `dvc pull` round-trips the pipeline's outputs byte for byte. No
 a file the project commits, or a log."""
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -83,6 +84,61 @@ def mlflow_server(tmp_path, env, s3_endpoint):
     return server, port
 
 
+class DroppingEndpoint:
+    """A TCP relay to `target` that goes away for good once `budget` bytes have gone up through it:
+    an S3 endpoint lost in the middle of a push (listening socket and open connections closed)."""
+
+    def __init__(self, target_port: int, budget: int):
+        import socket
+        import threading
+
+        self.target, self.budget, self.sent, self.closed = target_port, budget, 0, threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.conns, self.lock = [], threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            with self.lock:
+                self.conns += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src, dst, upward):
+        try:
+            while data := src.recv(65536):
+                if upward:
+                    with self.lock:
+                        self.sent += len(data)
+                    if self.sent > self.budget:
+                        self.close()
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self):
+        import socket
+
+        self.closed.set()
+        with self.lock:
+            for sock in [self.listener, *self.conns]:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+
 def digest(paths):
     out = {}
     for root in paths:
@@ -98,23 +154,43 @@ def test_mlflow_artifacts_and_dvc_outputs_live_in_s3(s3, smoke_workspace, tmp_pa
     work = smoke_workspace
 
     # MLflow: a tracking server whose artifacts go to the bucket; a stage logs through it
+    from mlflow import MlflowClient
+
     server, mlflow_port = mlflow_server(tmp_path, env, endpoint)
     try:
-        stage_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        stage_env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{mlflow_port}"
-        out = run(["jdm", "conditions", "sr"], work, env=stage_env)  # the client holds no S3 credential
+        # the stage runs with the S3 credential in its environment (a user's shell often has it): the
+        # artifacts still go through the server, and the secret must appear in nothing the run records
+        stage_env = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}
+        out = run(["jdm", "conditions", "sr"], work, env=stage_env)
+        tracking = MlflowClient(f"http://127.0.0.1:{mlflow_port}")
+        [logged] = tracking.search_runs([tracking.get_experiment_by_name("jdm").experiment_id])
+        recorded = json.dumps([logged.data.params, logged.data.tags, logged.data.metrics])
+        recorded += (tmp_path / "params.json").read_text() if tracking.download_artifacts(
+            logged.info.run_id, "params.json", str(tmp_path)) else ""
     finally:
         stop(server)
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="jdm-team", Prefix="mlflow/").get("Contents", [])]
     assert any(k.endswith("sr_maps.png") for k in keys), keys
-    assert SECRET not in out.stdout + out.stderr
+    assert '"stage": "conditions"' in recorded and "conditions.sr_factor" in recorded  # what was scanned
+    assert SECRET not in out.stdout + out.stderr + recorded
 
     # DVC: push to the bucket, lose the cache and the outputs, pull them back
-    run(["make", "-s", "remote", "S3_URL=s3://jdm-team/dvc", f"S3_ENDPOINT={endpoint}"], work, env=env)
     run(["dvc", "commit", "-f", "dvc.yaml"], work, env=env)  # earlier tests retrained some outputs by hand
     outputs = [work / p for p in ("data/prepared", "models/teacher", "models/jdm/generator", "data/conditions/hed")]
-    before = digest(outputs)
-    pushed = run(["dvc", "push", "dvc.yaml"], work, env=env)  # the main pipeline (paper/ may not have run)
+    before, cache = digest(outputs), digest([work / ".dvc" / "cache"])
+    # the endpoint goes away after 1 MB of the push: bounded retries, an error naming it, nothing local lost
+    lost = DroppingEndpoint(int(endpoint.rsplit(":", 1)[1]), budget=1_000_000)
+    run(["make", "-s", "remote", "S3_URL=s3://jdm-team/dvc", f"S3_ENDPOINT=http://127.0.0.1:{lost.port}"], work, env=env)
+    started = time.monotonic()
+    cut = subprocess.run(["dvc", "push", "dvc.yaml"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - started
+    assert lost.closed.is_set() and cut.returncode != 0, (lost.sent, cut.stdout[-2000:])
+    assert f"127.0.0.1:{lost.port}" in cut.stdout + cut.stderr and took < 120, (took, cut.stderr[-2000:])
+    assert digest(outputs) == before and digest([work / ".dvc" / "cache"]) == cache
+    # the endpoint back: the push completes what was cut, and the pull below proves every object whole
+    run(["make", "-s", "remote", "S3_URL=s3://jdm-team/dvc", f"S3_ENDPOINT={endpoint}"], work, env=env)
+    pushed = run(["make", "-s", "push", "ARGS=dvc.yaml"], work, env=env)  # the main pipeline (paper/ has not run)
+    assert "new" not in run(["dvc", "status", "--cloud", "dvc.yaml"], work, env=env).stdout
     assert any(o["Key"].startswith("dvc/") for o in client.list_objects_v2(Bucket="jdm-team").get("Contents", []))
     shutil.rmtree(work / ".dvc" / "cache")
     for p in outputs:
@@ -165,10 +241,18 @@ def test_unreachable_endpoints_fail_fast_naming_them_and_keep_outputs(s3, smoke_
     assert "MLflow artifact store mlflow-artifacts:/" in message and f"127.0.0.1:{mlflow_port}" in message, message[-2000:]
     assert took < 120, f"{took:.0f} s: the artifact check waited on MLflow's retries"
 
-    # the DVC remote does not answer
+    # the DVC remote does not answer: DVC names it after bounded retries (jdm/env.py) per object it looks
+    # up; untargeted, that is every output of paper/dvc.lock this workspace lacks (about 2 minutes), so
+    # `make push` asks the endpoint once first and stops in seconds
+    cache = digest([work / ".dvc" / "cache"])
     run(["make", "-s", "remote", "S3_URL=s3://jdm-team/dvc", f"S3_ENDPOINT={closed}"], work, env=s3[2])
-    message = failing(["dvc", "push", "dvc.yaml"], s3[2])  # the main pipeline: what this workspace has
+    message = failing(["dvc", "push", "dvc.yaml"], s3[2])
     assert closed in message, message[-2000:]
+    started = time.monotonic()
+    message = failing(["make", "-s", "push"], s3[2])
+    took = time.monotonic() - started
+    assert f"DVC remote 'team' (s3://jdm-team/dvc) is unreachable at {closed} after 3 attempts" in message, message
+    assert took < 30 and "Traceback" not in message, f"{took:.0f} s"
     run(["dvc", "remote", "remove", "--local", "team"], work, env=s3[2])
 
-    assert digest(outputs) == before
+    assert digest(outputs) == before and digest([work / ".dvc" / "cache"]) == cache

@@ -53,27 +53,35 @@ def deployment_run(params, env, cwd):
 
 
 @pytest.mark.e2e
-def test_add_control_deployment_trains_registers_and_fails_fast_on_unknown_conditions(services, smoke_workspace):
+def test_add_control_deployment_trains_registers_resumes_after_a_lost_worker_and_fails_fast(services, smoke_workspace):
     import shutil
+    import time
 
     from mlflow import MlflowClient
 
     svc, urls, env = services
     work = smoke_workspace
+    client = MlflowClient(urls["mlflow"])
+    experiment = client.get_experiment_by_name("jdm").experiment_id
+    started = int(time.time() * 1000)
     assert set(svc.pids()) == {"prefect-server", "mlflow-server", "prefect-worker"}
     for c in ("hed",):
         shutil.rmtree(work / f"models/jdm/controlnet-{c}")  # missing: the flow must build it again
-    # two add-control runs at once, a built-in and a plugin from outside the repository
-    runs = {c: deployment_run([f"condition={c}"], env, work) for c in ("hed", "team_conditions:Blur")}
-    outputs = {c: p.communicate(timeout=900)[0] for c, p in runs.items()}
-    for c, p in runs.items():
-        assert p.returncode == 0 and "Completed" in outputs[c], outputs[c][-3000:]
+    # three add-control runs at once: hed twice (the same condition) and a plugin from outside the repository
+    runs = {key: deployment_run([f"condition={c}"], env, work)
+            for key, c in (("hed", "hed"), ("hed again", "hed"), ("plugin", "team_conditions:Blur"))}
+    outputs = {key: p.communicate(timeout=900)[0] for key, p in runs.items()}
+    for key, p in runs.items():
+        assert p.returncode == 0 and "Completed" in outputs[key], outputs[key][-3000:]
     assert (work / "models/jdm/controlnet-hed/diffusion_pytorch_model.safetensors").is_file()
     assert (work / "models/jdm/controlnet-team_conditions-Blur/diffusion_pytorch_model.safetensors").is_file()
     status = subprocess.run(["dvc", "status", "extend@hed"], cwd=work, capture_output=True, text=True, env=env)
     assert "changed" not in status.stdout, status.stdout
+    # the two hed runs queued on the workspace lock: one trained, the other found it done
+    trained_hed = client.search_runs([experiment], f"tags.condition = 'hed' and tags.stage = 'extend' "
+                                                   f"and attributes.start_time > {started}")
+    assert len(trained_hed) == 1, [r.info.run_id for r in trained_hed]
 
-    client = MlflowClient(urls["mlflow"])
     for c in ("hed", "team_conditions:Blur"):
         name = "jdm-controlnet-" + c.replace(":", "-")
         version = client.get_model_version_by_alias(name, "newest")
@@ -88,6 +96,32 @@ def test_add_control_deployment_trains_registers_and_fails_fast_on_unknown_condi
         pool = json.loads(run(["prefect", "work-pool", "inspect", f"jdm-gpu-{kind}", "--output", "json"], work,
                               env=env).stdout)
         assert pool["type"] == kind and "gpu" in json.dumps(pool["base_job_template"])
+
+    # a worker lost mid-training (its flow run and the stage die with it, as on a lost machine): the
+    # deployment run again on a new worker resumes from the stage's checkpoint instead of starting over
+    import psutil
+
+    blur = ["condition=team_conditions:Blur", "steps=60"]
+    ckpt = work / "checkpoints/extend-team_conditions-Blur"
+    submit = ["prefect", "deployment", "run", "jdm/add-control"] + [x for b in blur for x in ("-p", b)]
+    run(submit, work, env=env)
+    deadline = time.time() + 300
+    while not list(ckpt.glob("step-*.safetensors")) and time.time() < deadline:
+        time.sleep(0.1)
+    worker = psutil.Process(svc.pids()["prefect-worker"])
+    lost = [worker] + worker.children(recursive=True)
+    assert any("extend" in " ".join(p.cmdline()) for p in lost[1:])  # the stage was running under it
+    for proc in lost:
+        proc.kill()
+    psutil.wait_procs(lost, timeout=30)
+    assert list(ckpt.glob("step-*.safetensors")), "no checkpoint survived the lost worker"
+    svc.start_worker(env)
+    again = deployment_run(blur, env, work)
+    out = again.communicate(timeout=600)[0]
+    assert again.returncode == 0 and "Completed" in out, out[-3000:]
+    resumed = json.loads((work / "metrics/extend-team_conditions-Blur.json").read_text())
+    assert resumed["resumed_from_step"] >= 2 and resumed["steps"] == 60, resumed
+    assert not ckpt.exists()
 
     bad = deployment_run(["condition=scribble"], env, work)
     out = bad.communicate(timeout=300)[0]
@@ -105,16 +139,36 @@ def test_a_training_stage_runs_under_accelerate_on_two_cpu_processes(smoke_works
     """The multi-GPU code path on this machine: `accelerate launch` with two gloo processes."""
     from mlflow import MlflowClient
 
+    import signal
+    import time
+
     work = smoke_workspace
-    pf = params_file(work, "accelerate.yaml", threads=1, teacher={"steps": 6})  # 1 thread each: 2 cores
+    pf = params_file(work, "accelerate.yaml", threads=1, teacher={"steps": 40},  # 1 thread each: 2 cores
+                     checkpoint={"every": 4, "keep": 2})
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("jdm").experiment_id
     before = {r.info.run_id for r in client.search_runs([experiment])}
-    run(["accelerate", "launch", "--config_file", str(REPO / "infra/accelerate/cpu_2proc.yaml"),
-         "-m", "jdm.cli", "--params", pf, "teacher"], work)
+    cmd = ["accelerate", "launch", "--config_file", str(REPO / "infra/accelerate/cpu_2proc.yaml"),
+           "-m", "jdm.cli", "--params", pf, "teacher"]
+    # killed (both processes) once each has a checkpoint; rerun, both resume from the step they share
+    ckpt = work / "checkpoints/teacher"
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not all(
+            list((ckpt / f"process-{i}").glob("step-*.safetensors")) for i in (0, 1)):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the group this test started
+    proc.wait()
+    assert all(list((ckpt / f"process-{i}").glob("step-*.safetensors")) for i in (0, 1)), "killed too late"
+    out = run(cmd, work)
+    resumed = [line for line in (out.stdout + out.stderr).splitlines() if "resumed from the checkpoint of step" in line]
+    assert len(resumed) == 2 and len({line.split(" in ")[0] for line in resumed}) == 1, resumed  # the same step
+    assert not ckpt.exists()
     metrics = json.loads((work / "metrics/teacher-train.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["num_parameters"] > 0
     for f in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
         assert (work / "models/teacher" / f).is_file(), f
     new = [r for r in client.search_runs([experiment]) if r.info.run_id not in before]
-    assert [r.data.tags["stage"] for r in new] == ["teacher"]  # one run, from the main process only
+    # one finished run, from the main process only (the killed attempt's run stays RUNNING, as MLflow leaves it)
+    assert [r.data.tags["stage"] for r in new if r.info.status == "FINISHED"] == ["teacher"]
+    assert len(new) == 2

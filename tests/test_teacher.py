@@ -28,3 +28,30 @@ def test_teacher_loss_falls_on_smoke(smoke_params):
     before = held_out_loss(untrained, build_noise_scheduler(p), x0, hidden, mask)
     after = held_out_loss(unet, noise_scheduler, x0, hidden, mask)
     assert after < 0.5 * before, (before, after)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_teacher_resumes_from_its_checkpoint_bit_identically(smoke_params, tmp_path):
+    """Weights, AdamW, the warm-up + cosine LR schedule, the EMA and the data RNG all come back."""
+    import pytest
+
+    from jdm.training.checkpoint import CheckpointSpec
+
+    images, labels = read_fashion_mnist("/usr/share/datasets/fashion-mnist", "train")
+    train = Split(resize_images(images[:256], 16), labels[:256], 1 + labels[:256])
+    table = (torch.randn(11, 16, 384, generator=torch.Generator().manual_seed(0)), torch.ones(11, 16, dtype=torch.long))
+    p = smoke_params.teacher.model_copy(update={"steps": 10, "batch_size": 8, "warmup_steps": 3})
+    unbroken, _ = train_teacher(p, train, table, Backbone(1), seed=0)
+    spec = CheckpointSpec(tmp_path, {"teacher": p.model_dump(mode="json")}, every=3)
+
+    def crash_at_7(step, values):
+        if step == 7:
+            raise Crash()
+    with pytest.raises(Crash):
+        train_teacher(p, train, table, Backbone(1), seed=0, log=crash_at_7, checkpoint=spec)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["step-00000003.safetensors", "step-00000006.safetensors"]
+    resumed, _ = train_teacher(p, train, table, Backbone(1), seed=0, checkpoint=spec)
+    assert all(torch.equal(a, b) for a, b in zip(unbroken.state_dict().values(), resumed.state_dict().values()))

@@ -33,6 +33,25 @@ def save_fake_score(fake: UNet2DConditionModel, out_dir: Path) -> None:
     plain.load_state_dict({k.replace(".base_layer", ""): v for k, v in fake.state_dict().items() if "lora_" not in k})
     plain.save_pretrained(out_dir / "unet")
     fake.save_lora_adapter(out_dir / "consistency_lora", adapter_name=ADAPTER)
+    _sort_target_modules(out_dir / "consistency_lora" / LORA_WEIGHTS)
+
+
+def _sort_target_modules(path: Path) -> None:
+    """Make the file's bytes a function of the weights alone: peft writes `target_modules` from a set
+    (its order follows Python's hash seed), and safetensors writes several metadata keys in a random
+    order. The sorted LoRA config alone is kept (the `format: pt` tag is for transformers' loaders,
+    which never read this file); otherwise every run gives another file, and DVC another hash."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True)})
 
 
 def load_fake_score(directory: str | Path, lora_rank: int):

@@ -10,12 +10,11 @@
   the control but, being a regression, averages over x and gives blurry images (the paper's finding).
 
 Both share one loop: batches of (image, control map, prompt), AdamW on the ControlNet only, under
-accelerate, stopped with the step number when the loss is not finite.
+accelerate, resumable, stopped with the step number when the loss or a gradient is not finite.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -25,8 +24,9 @@ from accelerate import Accelerator
 from ..data import EMPTY_PROMPT_ID
 from ..models.backbone import Backbone
 from ..models.generator import OneStepGenerator, controlnet_residuals
+from .checkpoint import CheckpointSpec, check_finite, check_trainable_fp32, run_steps
 from .phases import ControlData
-from .teacher import denoising_loss
+from .teacher import RunningLog, denoising_loss
 
 # loss(controlnet, x0, control, hidden, mask, rng) -> scalar; the ControlNet comes in as accelerate
 # prepared it (wrapped for gradient all-reduce across processes)
@@ -35,19 +35,21 @@ BatchLoss = Callable[..., torch.Tensor]
 
 def train_controlnet(controlnet, loss_fn: BatchLoss, data: ControlData, backbone: Backbone, *, steps: int,
                      batch_size: int, lr: float, prompt_dropout: float, seed: int,
-                     log: Callable[[int, dict], None] | None = None):
-    """Train `controlnet` alone for `steps` AdamW steps on `loss_fn`; return it, in eval mode."""
+                     log: Callable[[int, dict], None] | None = None, checkpoint: CheckpointSpec | None = None):
+    """Train `controlnet` alone for `steps` AdamW steps on `loss_fn`, resumable from `checkpoint`;
+    return it, in eval mode."""
     if data.images is None:
         raise ValueError("denoising a ControlNet needs the images the control maps came from (ControlData.images)")
     accelerator = Accelerator()
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + accelerator.process_index)
     controlnet.requires_grad_(True).train()
+    check_trainable_fp32(controlnet.parameters(), "the ControlNet")
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=lr, weight_decay=1e-2)
     controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
-    log_every = max(1, steps // 20)
-    running = 0.0
-    for step in range(1, steps + 1):
+    logger = RunningLog(log if accelerator.is_main_process else None, steps)
+
+    def step_fn(step: int) -> None:
         idx = torch.randint(len(data.maps), (batch_size,), generator=g)
         with torch.no_grad():
             x0 = backbone.encode(data.images[idx].float())
@@ -55,15 +57,15 @@ def train_controlnet(controlnet, loss_fn: BatchLoss, data: ControlData, backbone
         if prompt_dropout:
             pid = torch.where(torch.rand(len(pid), generator=g) < prompt_dropout, EMPTY_PROMPT_ID, pid)
         loss = loss_fn(controlnet, x0, data.maps[idx], data.hidden[pid], data.mask[pid], g)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"ControlNet denoising loss is {loss.item()} at step {step}")
         accelerator.backward(loss)
+        grad_norm = check_finite(loss, controlnet.parameters(), "ControlNet denoising")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        running += loss.item()
-        if log and accelerator.is_main_process and (step % log_every == 0 or step == steps):
-            log(step, {"loss": running / (log_every if step % log_every == 0 else step % log_every)})
-            running = 0.0
+        logger(step, loss.item(), grad_norm=grad_norm)
+
+    stateful = {"controlnet": accelerator.unwrap_model(controlnet), "optimizer": optimizer}
+    checkpoints = checkpoint.checkpointer(stateful, {"data": g}, accelerator) if checkpoint is not None else None
+    run_steps(checkpoints, steps, step_fn, accelerator)
     accelerator.wait_for_everyone()
     return accelerator.unwrap_model(controlnet).eval().requires_grad_(False)
 

@@ -6,7 +6,6 @@ same loop trains the analytic toy (tests) and the UNet + ControlNet generator (w
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -16,6 +15,7 @@ from diffusers.training_utils import EMAModel
 from ..models.lora import consistency_mode
 from ..objectives import (VPSchedule, condition_grad, consistency_ladder, consistency_loss, fake_score_loss,
                           generator_loss)
+from .checkpoint import check_finite
 
 
 @dataclass
@@ -103,34 +103,35 @@ class JDMTrainer:
                                fake_eps=lambda x_t, t_: self.p.fake_eps(x_t, t_, ctx),
                                condition=condition, condition_weight=self.s.condition_weight,
                                condition_t_max=self.cond_t_max, condition_on_x=self.s.condition_on_x)
-        self._check(terms.loss, "generator")
         self.gen_opt.zero_grad(set_to_none=True)
         terms.loss.backward()
+        grad_norm = check_finite(terms.loss, _params(self.gen_opt), "generator")
         self.gen_opt.step()
         self._reuse = (x.detach(), ctx)  # the first fake-score update trains on these samples
         return {"loss_generator": terms.loss.item(), "fidelity_norm": terms.fidelity_norm,
-                "condition_norm": terms.condition_norm}
+                "condition_norm": terms.condition_norm, "grad_norm_generator": grad_norm}
 
     def fake_step(self, x: torch.Tensor, ctx) -> dict:
         t = self._t(len(x))
         loss_fake = fake_score_loss(lambda x_t, t_: self.p.fake_eps(x_t, t_, ctx), x, t, self._eps(x), self.schedule)
-        self._check(loss_fake, "fake score")
         self.fake_opt.zero_grad(set_to_none=True)
         loss_fake.backward()
+        grad_norm_fake = check_finite(loss_fake, _params(self.fake_opt), "fake score")
         self.fake_opt.step()
 
         k = torch.randint(1, len(self.ladder), (len(x),), generator=self.rng)
         with consistency_mode(self.p.fake_score):
             loss_cons = consistency_loss(self._consistency_eps(ctx), self._target_eps(ctx), x, self._eps(x), k,
                                          self.ladder, self.schedule)
-            self._check(loss_cons, "consistency")
             grads = torch.autograd.grad(loss_cons, self.lora_params)  # the LoRA only, never the fake score
         for p, g in zip(self.lora_params, grads):
             p.grad = g
+        grad_norm_lora = check_finite(loss_cons, self.lora_params, "consistency")
         self.lora_opt.step()
         self.lora_opt.zero_grad(set_to_none=True)
         self.lora_target.step(self.lora_params)
-        return {"loss_fake_score": loss_fake.item(), "loss_consistency": loss_cons.item()}
+        return {"loss_fake_score": loss_fake.item(), "loss_consistency": loss_cons.item(),
+                "grad_norm_fake_score": grad_norm_fake, "grad_norm_consistency": grad_norm_lora}
 
     def step(self) -> dict:
         logs = self.generator_step()
@@ -143,7 +144,6 @@ class JDMTrainer:
             logs.update(self.fake_step(x, ctx))
         return logs
 
-    @staticmethod
-    def _check(loss: torch.Tensor, what: str) -> None:
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{what} loss is {loss.item()}")
+
+def _params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]

@@ -17,7 +17,7 @@ from ..data import EMPTY_PROMPT_ID
 from ..models.backbone import Backbone
 from ..models.generator import OneStepGenerator, controlnet_from_unet
 from ..objectives import VPSchedule
-from .errors import TrainingDiverged
+from .checkpoint import CheckpointSpec
 from .jdm import Players
 
 
@@ -78,21 +78,21 @@ def _adam(groups, p) -> torch.optim.Optimizer:
 
 def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: list[torch.nn.Parameter],
                 condition: Condition, data: ControlData, backbone: Backbone, schedule: VPSchedule, p, steps: int, *,
-                train_unet: bool, seed: int, checkpoint_dir, settings: dict, log,
+                train_unet: bool, seed: int, checkpoint: CheckpointSpec | None, log,
                 evaluate: Callable[[], dict] | None = None) -> int:
     """Run one warm-up phase for `steps` JDM iterations (p: the `jdm` params section); return the step
     it resumed from (0 = a fresh start).
 
     Phase 1 (`train_unet=True`) trains the generator UNet and the ControlNet; phase 2 only the
-    ControlNet (the UNet is frozen and never handed to an optimiser). Checkpoints every
-    `p.checkpoint_every` steps into `checkpoint_dir` and resumes from there; at the end the generator
-    holds its EMA weights when `p.ema_decay` > 0. `evaluate()` (held-out scores) is logged every
-    `p.eval_every` steps, so a run's control can be watched taking hold in MLflow.
+    ControlNet (the UNet is frozen and never handed to an optimiser). Checkpoints as `checkpoint`
+    says and resumes from there; at the end the generator holds its EMA weights when `p.ema_decay` > 0.
+    `evaluate()` (held-out scores) is logged every `p.eval_every` steps, so a run's control can be
+    watched taking hold in MLflow.
     """
     from diffusers.training_utils import EMAModel
 
     from ..models.lora import base_parameters
-    from .checkpoint import Checkpointer
+    from .checkpoint import check_trainable_fp32, run_steps
     from .jdm import JDMSettings, JDMTrainer
 
     rng = torch.Generator().manual_seed(seed)
@@ -102,6 +102,7 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: lis
     if train_unet:
         groups.append({"params": list(generator.unet.parameters()), "lr": p.generator_lr})
     trained = [q for group in groups for q in group["params"]]
+    check_trainable_fp32(trained + list(fake_score.parameters()), "the one-step generator or the fake score")
     players = unet_players(generator, teacher_unet, fake_score, condition, data, backbone, rng, p.prompt_dropout,
                            with_condition=p.condition_weight > 0)
     jdm_settings = JDMSettings(condition_weight=p.condition_weight, condition_t_max=p.condition_t_max,
@@ -119,24 +120,18 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: lis
         stateful["unet"] = generator.unet
     if ema is not None:
         stateful["generator_ema"] = ema
-    checkpoints = Checkpointer(checkpoint_dir, settings, p.checkpoint_every, stateful, {"data": rng})
-    start = checkpoints.restore()
-    if start:
-        print(f"resumed from the checkpoint of step {start} in {checkpoint_dir}", flush=True)
-    for step in range(start + 1, steps + 1):
-        try:
-            logs = trainer.step()
-        except FloatingPointError as err:
-            kept = (f"the checkpoint of step {checkpoints.last_step} is kept in {checkpoint_dir}"
-                    if checkpoints.last_step else "no checkpoint had been written yet")
-            raise TrainingDiverged(f"training diverged at step {step}: {err}; {kept}") from None
+    checkpoints = checkpoint.checkpointer(stateful, {"data": rng}) if checkpoint is not None else None
+
+    def step_fn(step: int) -> None:
+        logs = trainer.step()
         if ema is not None:
             ema.step(trained)
         if step % p.log_every == 0 or step == steps:
             log(step, logs)
         if evaluate is not None and p.eval_every and step % p.eval_every == 0:
             log(step, evaluate())
-        checkpoints.maybe_save(step)
+
+    start = run_steps(checkpoints, steps, step_fn)
     if ema is not None:
         ema.copy_to(trained)
     return start

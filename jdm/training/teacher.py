@@ -6,7 +6,6 @@ is saved and sampled), min-SNR loss weighting, warm-up then cosine learning rate
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -19,6 +18,7 @@ from ..config import TeacherParams
 from ..data import EMPTY_PROMPT_ID, Split
 from ..models.backbone import Backbone
 from ..models.unet import build_noise_scheduler, build_unet
+from .checkpoint import CheckpointSpec, check_finite, check_trainable_fp32, run_steps
 
 
 def denoising_loss(unet, noise_scheduler, x0, hidden, mask, generator, snr_gamma: float | None):
@@ -36,8 +36,9 @@ def denoising_loss(unet, noise_scheduler, x0, hidden, mask, generator, snr_gamma
 
 
 def train_teacher(params: TeacherParams, train: Split, embeddings: tuple[torch.Tensor, torch.Tensor],
-                  backbone: Backbone, *, seed: int, log: Callable[[int, dict], None] | None = None):
-    """Train the teacher UNet; return (EMA UNet, noise scheduler).
+                  backbone: Backbone, *, seed: int, log: Callable[[int, dict], None] | None = None,
+                  checkpoint: CheckpointSpec | None = None):
+    """Train the teacher UNet; return (EMA UNet, noise scheduler). Resumable from `checkpoint`.
 
     Under `accelerate launch` (several processes, gloo on CPU or NCCL on GPUs) each process draws its
     own batches (seed + process index) and accelerate averages the gradients: the effective batch is
@@ -52,12 +53,13 @@ def train_teacher(params: TeacherParams, train: Split, embeddings: tuple[torch.T
     ema = EMAModel(unet.parameters(), decay=params.ema_decay, model_cls=type(unet), model_config=unet.config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=params.lr, weight_decay=1e-2)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, params.warmup_steps, params.steps)
+    check_trainable_fp32(unet.parameters(), "the teacher UNet")
     unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
     ema.to(accelerator.device)
     unet.train()
-    log_every = max(1, params.steps // 20)
-    running = 0.0
-    for step in range(1, params.steps + 1):
+    logger = RunningLog(log if accelerator.is_main_process else None, params.steps)
+
+    def step_fn(step: int) -> None:
         idx = torch.randint(len(train), (params.batch_size,), generator=g)
         with torch.no_grad():
             x0 = backbone.encode(train.pixels(idx)).to(accelerator.device)
@@ -65,19 +67,33 @@ def train_teacher(params: TeacherParams, train: Split, embeddings: tuple[torch.T
         pid = torch.where(torch.rand(len(pid), generator=g) < params.prompt_dropout, EMPTY_PROMPT_ID, pid)
         hidden, mask = hidden_table[pid].to(accelerator.device), mask_table[pid].to(accelerator.device)
         loss = denoising_loss(unet, noise_scheduler, x0, hidden, mask, g, params.snr_gamma)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"teacher loss is {loss.item()} at step {step}")
         accelerator.backward(loss)
+        grad_norm = check_finite(loss, unet.parameters(), "teacher")
         optimizer.step()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
         ema.step(unet.parameters())
-        running += loss.item()
-        if log and accelerator.is_main_process and (step % log_every == 0 or step == params.steps):
-            log(step, {"loss": running / (log_every if step % log_every == 0 else step % log_every),
-                       "lr": lr_schedule.get_last_lr()[0]})
-            running = 0.0
+        logger(step, loss.item(), grad_norm=grad_norm, lr=lr_schedule.get_last_lr()[0])
+
+    stateful = {"unet": accelerator.unwrap_model(unet), "optimizer": optimizer, "lr_schedule": lr_schedule, "ema": ema}
+    checkpoints = checkpoint.checkpointer(stateful, {"data": g}, accelerator) if checkpoint is not None else None
+    run_steps(checkpoints, params.steps, step_fn, accelerator)
     accelerator.wait_for_everyone()
     unet = accelerator.unwrap_model(unet)
     ema.copy_to(unet.parameters())
     return unet.eval().requires_grad_(False), noise_scheduler
+
+
+class RunningLog:
+    """The loss averaged over the steps since the last log line (20 lines a run), plus the latest of
+    other values; `log` None (a non-main process) logs nothing."""
+
+    def __init__(self, log: Callable[[int, dict], None] | None, steps: int):
+        self.log, self.steps, self.every = log, steps, max(1, steps // 20)
+        self.total, self.count = 0.0, 0
+
+    def __call__(self, step: int, loss: float, **latest: float) -> None:
+        self.total, self.count = self.total + loss, self.count + 1
+        if self.log is not None and (step % self.every == 0 or step == self.steps):
+            self.log(step, {"loss": self.total / self.count, **latest})
+            self.total, self.count = 0.0, 0
