@@ -74,4 +74,4 @@ remote:
 # dvc push / dvc pull after one check that the default remote answers (infra/remote.py): an endpoint
 # that is down fails in seconds, named, instead of after DVC's per-object retries. ARGS go to DVC.
 push pull:
-	$(BIN)/python infra/remote.py $@ $(ARGS)
+	python infra/remote.py $@ $(ARGS)
