@@ -5,9 +5,9 @@ stand-in with the Bradley-Terry loss on preference pairs it can make honestly: a
 image is preferred over a degraded copy of itself (blur, noise, speckle, lost contrast, blockiness:
 the ways a briefly trained one-step generator fails). The stand-in scores "looks like a clean real
 image"; it knows nothing of taste or of the prompt (it takes prompts only to share ImageReward's
-interface). Two are trained independently (another seed, the other half of the train split, another
-width): one gives the HFL gradient, the other only scores, so reward hacking (a gain the training
-reward sees and the held-out one does not) shows.
+interface). The plan for issue 6's stages (not built yet): two trained independently (another seed,
+the other half of the train split, another width), one giving the HFL gradient and the other only
+scoring, so reward hacking (a gain the training reward sees and the held-out one does not) shows.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def load_reward(directory: str | Path) -> RewardNet:
     directory = Path(directory)
     config_file = directory / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"no reward model at {directory}: run the `reward` stage first (`dvc repro reward`)")
+        raise FileNotFoundError(f"no reward model at {directory} (config.json): save one with save_reward")
     config = json.loads(config_file.read_text())
     model = RewardNet(config["width"], config["image_size"])
     model.load_state_dict(load_tensors(directory / "reward.safetensors"))

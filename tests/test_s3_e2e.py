@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -165,8 +166,7 @@ def test_mlflow_artifacts_and_dvc_outputs_live_in_s3(s3, smoke_workspace, tmp_pa
         tracking = MlflowClient(f"http://127.0.0.1:{mlflow_port}")
         [logged] = tracking.search_runs([tracking.get_experiment_by_name("jdm").experiment_id])
         recorded = json.dumps([logged.data.params, logged.data.tags, logged.data.metrics])
-        recorded += (tmp_path / "params.json").read_text() if tracking.download_artifacts(
-            logged.info.run_id, "params.json", str(tmp_path)) else ""
+        recorded += Path(tracking.download_artifacts(logged.info.run_id, "params.json", str(tmp_path))).read_text()
     finally:
         stop(server)
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="jdm-team", Prefix="mlflow/").get("Contents", [])]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..io import atomic_file
-from .errors import CheckpointWriteFailed, TrainingDiverged
+from .errors import CheckpointWriteFailed, TrainingDiverged, TrainingStopped
 
 FILE = re.compile(r"step-(\d+)\.safetensors$")
 META_KEY = "jdm_checkpoint"
@@ -216,7 +217,7 @@ def restore_agreed(checkpointer: Checkpointer, accelerator=None) -> int:
     if step != common:
         step = checkpointer.restore(at_most=common)
     if extreme(step, dist.ReduceOp.MAX) != common or extreme(step, dist.ReduceOp.MIN) != common:
-        raise TrainingDiverged(f"the processes' checkpoints in {checkpointer.directory.parent} have no step in "
+        raise TrainingStopped(f"the processes' checkpoints in {checkpointer.directory.parent} have no step in "
                                f"common; remove that folder to start afresh")
     return step
 
@@ -245,11 +246,11 @@ def check_finite(loss: torch.Tensor, params, what: str) -> float:
     """Raise FloatingPointError when the loss or the gradient of `params` is NaN/Inf; return the
     gradient norm (logged: a norm that grows warns before it overflows)."""
     value = loss.item()
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise FloatingPointError(f"{what} loss is {value}")
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
-    if norm != norm or norm in (float("inf"), float("-inf")):
+    if not math.isfinite(norm):
         raise FloatingPointError(f"{what} gradient norm is {norm} (loss {value:.6g})")
     return norm
 
