@@ -2,8 +2,9 @@
 and talk to MLflow; nothing trains in the flow's process.
 
 Deployments (prefect.yaml):
-    jdm/add-control   a ControlNet for one condition on the frozen generator, registered in MLflow
-    jdm/reproduce     `dvc repro` of the whole pipeline
+    jdm/add-control     a ControlNet for one condition on the frozen generator, registered in MLflow
+    jdm/text-to-image   one one-step text-to-image variant of the paper's Table 3 (HFL, decoupled CFG, ...)
+    jdm/reproduce       `dvc repro` of the whole pipeline
 """
 
 from __future__ import annotations
@@ -134,6 +135,30 @@ def _override_params(ws: Path, condition: str, steps: int) -> Path:
     path = ws / ".dvc" / "tmp" / f"params-{condition_slug(condition)}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+@task
+def check_variant(variant: str) -> None:
+    """Fail before any training: an unknown variant lists the available ones."""
+    from jdm.training.phases import TEXT_TO_IMAGE_VARIANTS
+
+    if variant not in TEXT_TO_IMAGE_VARIANTS:
+        raise ValueError(f"unknown text-to-image variant {variant!r}; available: {', '.join(TEXT_TO_IMAGE_VARIANTS)}")
+
+
+@flow(name="jdm", log_prints=True)  # same flow name: the deployment is `jdm/text-to-image`
+def text_to_image(variant: str = "decoupled-cfg", profile: str | None = None, workspace: str | None = None) -> dict:
+    """Train one Table 3 variant (`dvc repro paper/dvc.yaml:text-to-image@<variant>`, building its upstream
+    only if missing: rewards, guide, DI student), score its row beside the others already scored, and
+    refresh reports/text-to-image. Returns the row (also in MLflow: stage `evaluate`, condition `text`)."""
+    import json
+
+    check_variant(variant)
+    ws = _workspace(workspace)
+    check_params(ws, profile)
+    dvc_repro(ws, [f"paper/dvc.yaml:text-to-image@{variant}"])
+    run_stage(ws, ["evaluate-text-to-image", "--methods", variant])
+    return json.loads((ws / "metrics" / "text-to-image" / f"{variant}.json").read_text())
 
 
 @flow(name="jdm", log_prints=True)  # same flow name: the deployment is `jdm/reproduce`

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 from jdm.env import tool_env  # noqa: E402
 
 POOL = "jdm-local"
-LOCAL_DEPLOYMENTS = ("add-control", "reproduce")
+LOCAL_DEPLOYMENTS = ("add-control", "text-to-image", "reproduce")
 
 
 def free_port() -> int:

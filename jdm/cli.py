@@ -57,6 +57,14 @@ def cmd_stage(args) -> None:
         stages.run_reference(params)
     elif args.command == "report":
         stages.run_report(params, args.methods.split(","), args.conditions.split(","), Path(args.out))
+    elif args.command == "reward":
+        stages.run_reward(params, args.which)
+    elif args.command == "guide":
+        stages.run_guide(params)
+    elif args.command == "text-to-image":
+        stages.run_text_to_image(params, args.variant)
+    elif args.command == "evaluate-text-to-image":
+        stages.run_evaluate_text_to_image(params, args.methods.split(",") if args.methods else list(stages.TEXT_ROWS))
     else:
         from .conditions import resolve_condition_class
         name = getattr(args, "name", None) or params.warmup.condition
@@ -150,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="jdm,controlnet-50")
     p.add_argument("--conditions", default="canny,hed,depth,sr")
     p.add_argument("--out", default="reports/main")
+    p.set_defaults(func=cmd_stage)
+    p = sub.add_parser("reward", help="train a reward stand-in for human-feedback learning (paper/dvc.yaml calls this)")
+    p.add_argument("which", choices=("train", "heldout"), help="train: gives HFL its gradient; heldout: only scores")
+    p.set_defaults(func=cmd_stage)
+    sub.add_parser("guide", help="train decoupled CFG's guidance model (the teacher, trained further)").set_defaults(
+        func=cmd_stage)
+    p = sub.add_parser("text-to-image", help="train a one-step text-to-image variant of the paper's Table 3")
+    p.add_argument("variant", help="di, coupled-cfg, decoupled-cfg, hfl or hfl-on-x")
+    p.set_defaults(func=cmd_stage)
+    p = sub.add_parser("evaluate-text-to-image", help="score Table 3's rows and write reports/text-to-image")
+    p.add_argument("--methods", help="comma-separated rows (default: all): teacher, di, coupled-cfg, hfl, "
+                                     "decoupled-cfg, hfl-on-x")
     p.set_defaults(func=cmd_stage)
     p = sub.add_parser("sample", help="one-step controllable generation from a trained generator")
     p.add_argument("--condition", action="append", required=True,

@@ -211,6 +211,36 @@ class BaselinesParams(Section):
     denoising_lr: PositiveFloat = 1e-3
 
 
+class RewardModelParams(Section):
+    seed: int
+    width: PositiveInt = 16
+    half: Literal["first", "second"]      # of the train split: the two rewards never see the same images
+
+
+class RewardsParams(Section):
+    """The reward stand-ins (jdm/rewards.py): `train` gives HFL its gradient; `heldout`, trained apart
+    (another seed, width and half of the data), only scores, so that reward hacking shows."""
+    steps: PositiveInt = 150
+    batch_size: PositiveInt = 32
+    lr: PositiveFloat = 2e-3
+    train: RewardModelParams = RewardModelParams(seed=1, width=16, half="first")
+    heldout: RewardModelParams = RewardModelParams(seed=2, width=24, half="second")
+
+
+class GuideParams(Section):
+    """Decoupled CFG's guidance model: the teacher trained `steps` further (fresh optimiser, cosine LR)."""
+    steps: PositiveInt = 600
+    lr: PositiveFloat = 5e-4
+    warmup_steps: int = Field(20, ge=0)
+
+
+class TextToImageParams(Section):
+    """Table 3: each variant continues the Diff-Instruct student for `steps` with its own objective."""
+    steps: PositiveInt = 100
+    guidance_scale: float = Field(3.0, ge=1.0)   # s of coupled and decoupled CFG (decoupled: w = s - 1)
+    reward_weight: float = Field(1.0, gt=0.0)    # lambda of HFL: log p(preferred | x) = reward(x), scaled
+
+
 class CheckpointParams(Section):
     """Every training stage (teacher, ControlNets, both JDM phases) saves its whole state every `every`
     steps and keeps the newest `keep` files; a rerun resumes. Not a DVC param of any stage: where and
@@ -235,6 +265,9 @@ class Params(Section):
     extend: ExtendParams = ExtendParams()
     controlnet: ControlNetParams = ControlNetParams()
     baselines: BaselinesParams = BaselinesParams()
+    rewards: RewardsParams = RewardsParams()
+    guide: GuideParams = GuideParams()
+    text_to_image: TextToImageParams = TextToImageParams()
     checkpoint: CheckpointParams = CheckpointParams()
 
     @model_validator(mode="after")

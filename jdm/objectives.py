@@ -86,6 +86,20 @@ def condition_grad(consistency_eps: EpsFn, log_likelihood: LogLikelihood, x_t: t
     return grad
 
 
+def cfg_eps(eps_prompt: torch.Tensor, eps_null: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance, eps(x_t, null) + s (eps(x_t, y) - eps(x_t, null)): the coupled baseline's
+    real score (DMD) uses the teacher's."""
+    return eps_null + scale * (eps_prompt - eps_null)
+
+
+def cfg_condition_grad(eps_prompt: torch.Tensor, eps_null: torch.Tensor, sigma: torch.Tensor,
+                       weight: float) -> torch.Tensor:
+    """Decoupled CFG (method.md): grad_{x_t} log p(y | x_t)^w = -(w / sigma_t) (eps_g(x_t, y) - eps_g(x_t, null))
+    from a guidance model eps_g, the condition term beside the teacher's unguided fidelity term. With eps_g
+    the teacher and w = s - 1 the two add up to the coupled baseline's CFG'd real score (`cfg_eps`)."""
+    return -(weight / sigma) * (eps_prompt - eps_null)
+
+
 @dataclass
 class GeneratorTerms:
     loss: torch.Tensor

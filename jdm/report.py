@@ -74,8 +74,8 @@ def write_report(rows: list[dict], methods: list[str], conditions: list[str], pi
             + f". Profile `{profile}`. NFE counts sampler steps (CFG's two halves run as one batch).")
     headline = summary(rows)
 
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join([LABELS.get(r["method"], r["method"]), r["condition"]] + _cells(r)) + " |" for r in rows]
+    cells = [[LABELS.get(r["method"], r["method"]), r["condition"]] + _cells(r) for r in rows]
+    lines = _markdown_table(HEADER, cells)
     (out / "table.md").write_text("\n".join([f"# JDM comparison ({profile})", "", note, ""] + lines + [""]
                                             + [f"- {h}" for h in headline]) + "\n")
 
@@ -86,10 +86,7 @@ def write_report(rows: list[dict], methods: list[str], conditions: list[str], pi
             shutil.copyfile(samples_dir / f"{method}-{c}.png", out / f"{method}-{c}.png")
 
     esc = html.escape
-    table = ["<table id='results'><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in HEADER) + "</tr></thead><tbody>"]
-    table += ["<tr>" + "".join(f"<td>{esc(x)}</td>" for x in [LABELS.get(r["method"], r["method"]), r["condition"]]
-                               + _cells(r)) + "</tr>" for r in rows]
-    table.append("</tbody></table>")
+    table = _html_table(HEADER, cells)
     grids = []
     for c in conditions:
         figure = [f"<h3>{esc(c)}</h3><table class='grid'>"]
@@ -98,16 +95,36 @@ def write_report(rows: list[dict], methods: list[str], conditions: list[str], pi
             figure.append(f"<tr><th>{esc(label)}</th><td><img src='{esc(src)}' alt='{esc(label)} {esc(c)}'></td></tr>")
         figure.append("</table>")
         grids.append("".join(figure))
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>JDM comparison ({esc(profile)})</title>
+    (out / "index.html").write_text(_page(f"JDM comparison ({profile})",
+                                          f"JDM: adding controls to a one-step generator ({profile})", note, table,
+                                          headline, "Samples (same control maps and prompts in every row)", grids))
+
+
+def _markdown_table(header: list[str], cells: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |" for c in cells]
+
+
+def _html_table(header: list[str], cells: list[list[str]]) -> list[str]:
+    esc = html.escape
+    return (["<table id='results'><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead><tbody>"]
+            + ["<tr>" + "".join(f"<td>{esc(x)}</td>" for x in c) + "</tr>" for c in cells] + ["</tbody></table>"])
+
+
+def _page(title: str, heading: str, note: str, table: list[str], headline: list[str], samples_heading: str,
+          grids: list[str]) -> str:
+    """A self-contained page: the table, the headline comparisons, the sample grids, and a line that
+    says whether every picture loaded."""
+    esc = html.escape
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} #results td:nth-child(-n+2){{text-align:left}} .grid img{{image-rendering:pixelated;height:64px}}
 .grid th{{text-align:left;font-weight:normal}}</style></head>
-<body><h1>JDM: adding controls to a one-step generator ({esc(profile)})</h1>
+<body><h1>{esc(heading)}</h1>
 <p>{esc(note)}</p>
 {''.join(table)}
 <ul>{''.join(f'<li>{esc(h)}</li>' for h in headline)}</ul>
-<h2>Samples (same control maps and prompts in every row)</h2>
+<h2>{esc(samples_heading)}</h2>
 <p id="status">checking the page...</p>
 {''.join(grids)}
 <script>
@@ -121,4 +138,64 @@ window.addEventListener("load", () => {{
 </script>
 </body></html>
 """
-    (out / "index.html").write_text(page)
+
+
+# Table 3 of the JDM paper (SD 1.5, one step unless noted): HPS v2, Aesthetic, CLIP score. The coupled
+# baseline is DMD2 (CFG inside the real score); HFL on x has no row there (Fig. 6 shows its artefacts)
+PAPER_TEXT = {"teacher": (25.50, 5.49, 33.03, "SD 1.5, 25 steps"), "di": (26.35, 5.71, 32.08, "Diff-Instruct"),
+              "coupled-cfg": (23.53, 5.82, 30.92, "DMD2"), "hfl": (29.46, 5.89, 33.75, "JDM w/ HFL"),
+              "decoupled-cfg": (29.75, 5.90, 33.97, "JDM w/ better CFG")}
+TEXT_LABELS = {"teacher": "teacher, multi-step + CFG", "di": "Diff-Instruct (DI)",
+               "coupled-cfg": "coupled CFG (in the real score, DMD-style)", "hfl": "JDM w/ HFL (reward via f(x_t, t))",
+               "decoupled-cfg": "JDM w/ decoupled CFG (stronger guide)", "hfl-on-x": "HFL on x (Fig. 6 ablation)"}
+TEXT_COLUMNS = [("nfe", "NFE", "{:.0f}"), ("latency_ms", "latency ms/img", "{:.1f}"),
+                ("reward_heldout", "held-out reward (HPS stand-in)", "{:.3f}"),
+                ("reward_train", "training reward", "{:.3f}"), ("prompt_accuracy", "prompt acc. (CLIP stand-in)", "{:.2f}"),
+                ("fid_inception", "FID Inception", "{:.1f}"), ("fid_classifier", "FID classifier", "{:.3f}")]
+TEXT_HEADER = ["method"] + [title for _, title, _ in TEXT_COLUMNS] + ["paper HPS / Aesthetic / CLIP (SD 1.5)"]
+
+
+def text_to_image_summary(rows: list[dict]) -> list[str]:
+    """Each JDM variant against DI and coupled CFG: held-out reward and prompt accuracy, and whether a
+    training-reward gain shows on the held-out reward (reward hacking when it does not)."""
+    by = {r["method"]: r for r in rows}
+    lines = []
+    for method in ("hfl", "decoupled-cfg", "hfl-on-x"):
+        for base in ("di", "coupled-cfg"):
+            if method in by and base in by:
+                m, b = by[method], by[base]
+                lines.append(f"{TEXT_LABELS[method]} vs {TEXT_LABELS[base]}: held-out reward "
+                             f"{m['reward_heldout'] - b['reward_heldout']:+.3f}, training reward "
+                             f"{m['reward_train'] - b['reward_train']:+.3f}, prompt accuracy "
+                             f"{m['prompt_accuracy'] - b['prompt_accuracy']:+.2f}")
+    return lines
+
+
+def write_text_to_image_report(rows: list[dict], samples_dir: Path, out: Path, profile: str) -> None:
+    """Table 3 at this profile: table.md and index.html with the rows' sample grids side by side."""
+    esc = html.escape
+    first = rows[0]
+    note = (f"{first['num_samples']} samples per row for the same held-out prompts (the classes in turn); FID "
+            f"against {first.get('num_reference', '?')} test images. Rewards are the stand-ins' raw scores "
+            f"(real test images: held-out {first['reward_heldout_real']:.3f}, training {first['reward_train_real']:.3f}); "
+            f"the held-out reward never gave a gradient. Profile `{profile}`.")
+    cells = []
+    for r in rows:
+        paper = PAPER_TEXT.get(r["method"])
+        cells.append([TEXT_LABELS.get(r["method"], r["method"])]
+                     + [fmt.format(r[key]) if key in r else "-" for key, _, fmt in TEXT_COLUMNS]
+                     + [f"{paper[0]:.2f} / {paper[1]:.2f} / {paper[2]:.2f} ({paper[3]})" if paper else "-"])
+    headline = text_to_image_summary(rows)
+    (out / "table.md").write_text("\n".join([f"# One-step text-to-image ({profile})", "", note, ""]
+                                            + _markdown_table(TEXT_HEADER, cells) + [""]
+                                            + [f"- {h}" for h in headline]) + "\n")
+    grids = ["<table class='grid'>"]
+    for r in rows:
+        shutil.copyfile(samples_dir / f"{r['method']}-text.png", out / f"{r['method']}-text.png")
+        label = TEXT_LABELS.get(r["method"], r["method"])
+        grids.append(f"<tr><th>{esc(label)}</th><td><img src='{esc(r['method'])}-text.png' alt='{esc(label)}'></td></tr>")
+    grids.append("</table>")
+    (out / "index.html").write_text(_page(f"One-step text-to-image ({profile})",
+                                          f"JDM: human feedback and decoupled CFG, one step ({profile})", note,
+                                          _html_table(TEXT_HEADER, cells), headline,
+                                          "Samples (same prompts and classes in every row)", grids))

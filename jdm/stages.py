@@ -631,3 +631,218 @@ def run_report(params: Params, methods: list[str], conditions: list[str], out_di
             write_report(rows, methods, [condition_slug(c) for c in conditions], pictures, SAMPLES, out, params.profile)
         mlflow.log_artifacts(str(out_dir), "report")
         print(f"report: {out_dir / 'index.html'} ({len(rows)} rows)")
+
+
+# --- Table 3: one-step text-to-image with human feedback or decoupled CFG (paper/dvc.yaml) ----------------
+
+REWARDS = MODELS / "rewards"
+GUIDE = MODELS / "guide"
+TEXT_TO_IMAGE = MODELS / "text-to-image"
+TEXT_TO_IMAGE_REPORT = Path("reports/text-to-image")
+TEXT_TO_IMAGE_METRICS = METRICS / "text-to-image"
+TEXT_ROWS = ("teacher",) + ("di", "coupled-cfg", "hfl", "decoupled-cfg", "hfl-on-x")  # Table 3's rows, in order
+
+
+def run_reward(params: Params, which: str) -> None:
+    """A reward stand-in (jdm/rewards.py) trained by Bradley-Terry on (real, degraded) pairs from one half
+    of the train split; `train` gives HFL its gradient, `heldout` only scores. Preference accuracy is
+    measured on the held-out (test) split."""
+    from .rewards import preference_accuracy, save_reward, train_reward
+
+    _setup(params)
+    r = params.rewards
+    model_params = getattr(r, which)
+    train = jdata.PreparedData.load(PREPARED).split("train")
+    half = len(train) // 2
+    images = train.images[:half] if model_params.half == "first" else train.images[half:]
+    held_out = jdata.PreparedData.load(PREPARED).split("eval").images
+    with stage_run("reward", params.profile, {**_section(params, "rewards"), "which": which},
+                   tags={"reward": which}) as mlflow:
+        start = time.perf_counter()
+        model = train_reward(images, steps=r.steps, batch_size=r.batch_size, lr=r.lr, seed=model_params.seed,
+                             width=model_params.width, log=_logger(mlflow))
+        metrics = {"train_seconds": time.perf_counter() - start, "num_train_images": len(images),
+                   "num_parameters": sum(q.numel() for q in model.parameters()),
+                   **preference_accuracy(model, held_out, seed=params.seed)}
+        with atomic_dir(REWARDS / which) as out:
+            save_reward(model, out, metrics)
+        mlflow.log_metrics(metrics)
+        write_json({"reward": which, **metrics}, METRICS / "rewards" / f"{which}.json")
+        print(f"reward {which}: {json.dumps(metrics)}")
+
+
+def _heldout_denoising_loss(unet, noise_scheduler, prepared, seed: int, num: int = 512) -> float:
+    """Plain epsilon MSE on held-out images, the same noise and timesteps for every model scored."""
+    from .training.teacher import denoising_loss
+
+    held_out = prepared.split("eval")
+    hidden, mask = prepared.embeddings()
+    n = min(num, len(held_out))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return denoising_loss(unet, noise_scheduler, held_out.pixels(slice(0, n)) * 2 - 1,
+                              hidden[held_out.prompt_ids[:n]], mask[held_out.prompt_ids[:n]], g, None).item()
+
+
+def run_guide(params: Params) -> None:
+    """Decoupled CFG's guidance model: the teacher trained `guide.steps` further, so that it models
+    p(y | x_t) better than the teacher whose fidelity term the students keep (the paper: SD 2.1 guiding
+    SD 1.5). Held-out denoising loss of both is recorded, the claim 'stronger' measured, not assumed."""
+    from .models.teacher import build_backbone, load_teacher, save_teacher
+    from .training.teacher import train_teacher
+
+    _setup(params)
+    g = params.guide
+    if params.teacher.pretrained:
+        raise NotImplementedError("the guide stage trains on the embedded data; for sd15 the guidance model "
+                                  "(SD 2.1) would be loaded, which is not built yet")
+    settings = params.teacher.model_copy(update={"steps": g.steps, "lr": g.lr, "warmup_steps": g.warmup_steps})
+    prepared = jdata.PreparedData.load(PREPARED)
+    teacher_unet, _ = load_teacher(TEACHER)
+    checkpoint = _checkpoint(params, CHECKPOINTS / "guide", _section(params, "teacher", "guide"))
+    with stage_run("guide", params.profile, _section(params, "teacher", "guide")) as mlflow:
+        start = time.perf_counter()
+        unet, noise_scheduler = train_teacher(settings, prepared.split("train"), prepared.embeddings(),
+                                              build_backbone(params), seed=params.seed + 1, log=_logger(mlflow),
+                                              checkpoint=checkpoint, init_unet=teacher_unet)
+        metrics = {"train_seconds": time.perf_counter() - start, "steps": g.steps,
+                   "heldout_loss_teacher": _heldout_denoising_loss(teacher_unet, noise_scheduler, prepared, params.seed),
+                   "heldout_loss_guide": _heldout_denoising_loss(unet, noise_scheduler, prepared, params.seed)}
+        with atomic_dir(GUIDE) as out:
+            save_teacher(unet, noise_scheduler, out)
+        mlflow.log_metrics(metrics)
+        write_json(metrics, METRICS / "guide.json")
+        print(f"guide: {json.dumps(metrics)}")
+    remove_checkpoint(checkpoint.directory)
+
+
+def run_text_to_image(params: Params, variant: str) -> None:
+    """One Table 3 student: the Diff-Instruct generator (paper/dvc.yaml `di`) and its fake score trained
+    `text_to_image.steps` further with the variant's objective (jdm/training/phases.py,
+    `text_to_image_players`); `di` continues plain score distillation, so every row costs the same."""
+    from .errors import UserError
+    from .models.fake_score import load_fake_score
+    from .models.teacher import build_backbone, load_teacher
+    from .objectives import VPSchedule
+    from .pipeline import load_generator, save_generator
+    from .rewards import load_reward
+    from .training.phases import ControlData, TEXT_TO_IMAGE_VARIANTS, text_to_image_players, train_phase
+
+    if variant not in TEXT_TO_IMAGE_VARIANTS:
+        raise UserError(f"unknown text-to-image variant {variant!r}; available: {', '.join(TEXT_TO_IMAGE_VARIANTS)}")
+    _setup(params)
+    t = params.text_to_image
+    overrides = {"di": {"condition_weight": 0.0}, "coupled-cfg": {"condition_weight": 0.0},
+                 # guidance is an exact score of the guidance model: no t-range restriction (that is for f(x_t, t))
+                 "decoupled-cfg": {"condition_weight": 1.0, "condition_t_max": None},
+                 "hfl": {"condition_weight": t.reward_weight},
+                 "hfl-on-x": {"condition_weight": t.reward_weight, "condition_on_x": True}}[variant]
+    p = params.jdm.model_copy(update=overrides)
+    prepared = jdata.PreparedData.load(PREPARED)
+    train = prepared.split("train")
+    hidden, mask = prepared.embeddings()
+    data = ControlData(None, train.prompt_ids, hidden, mask)
+    teacher_unet, noise_scheduler = load_teacher(TEACHER)
+    schedule = VPSchedule.from_scheduler(noise_scheduler)
+    backbone = build_backbone(params)
+    source = VARIANTS["di"].root
+    generator, _, meta = load_generator(source / "generator", primary=False)
+    fake, lora = load_fake_score(source / "fake_score", p.lora_rank)
+    guide_unet = load_teacher(GUIDE)[0] if variant == "decoupled-cfg" else None
+    reward = load_reward(REWARDS / "train") if variant.startswith("hfl") else None
+
+    def make_players(rng):
+        return text_to_image_players(variant, generator, teacher_unet, fake, data, backbone, schedule, rng,
+                                     guidance_scale=t.guidance_scale, guide_unet=guide_unet, reward=reward,
+                                     prompt_dropout=p.prompt_dropout)
+
+    stage_params = {**_section(params, "jdm", "text_to_image"), "jdm": p.model_dump(mode="json"), "variant": variant}
+    ckpt_dir = CHECKPOINTS / f"text-to-image-{variant}"
+    with stage_run("text-to-image", params.profile, stage_params, condition="text", tags={"method": variant}) as mlflow:
+        start = time.perf_counter()
+        resumed_from = train_phase(generator, teacher_unet, fake, lora, None, data, backbone, schedule, p, t.steps,
+                                   train_unet=True, seed=params.seed, log=_logger(mlflow),
+                                   checkpoint=_checkpoint(params, ckpt_dir, {**stage_params, "method": variant}),
+                                   make_players=make_players)
+        metrics = {"train_seconds": time.perf_counter() - start, "steps": t.steps, "resumed_from_step": resumed_from}
+        with atomic_dir(TEXT_TO_IMAGE / variant / "generator") as out:
+            save_generator(generator, noise_scheduler, out, {k: v for k, v in meta.items() if k != "t_gen"})
+        mlflow.log_artifacts(str(TEXT_TO_IMAGE / variant / "generator"), "generator")
+        mlflow.log_metrics(metrics)
+        write_json({"method": variant, **metrics}, TEXT_TO_IMAGE_METRICS / f"train-{variant}.json")
+        print(f"text-to-image {variant}: {json.dumps(metrics)}")
+    remove_checkpoint(ckpt_dir)
+
+
+def run_evaluate_text_to_image(params: Params, methods: list[str]) -> None:
+    """Table 3's rows: each method's samples for the same held-out prompts (`evaluation.num_samples`, the
+    classes in turn), scored by the held-out reward (never trained against: the HPS stand-in), the
+    training reward, prompt accuracy (the CLIP-score stand-in), FID against the test split, NFE and
+    latency; one MLflow run per row (stage `evaluate`, condition `text`), then reports/text-to-image."""
+    from PIL import Image
+
+    from .annotators.classifier import load_classifier
+    from .errors import UserError
+    from .evaluation import generate, latency_ms, one_step_sampler
+    from .metrics import prompt_accuracy
+    from .models.teacher import build_backbone
+    from .pipeline import load_generator
+    from .report import write_text_to_image_report
+    from .rewards import load_reward
+
+    unknown = [m for m in methods if m not in TEXT_ROWS]
+    if unknown:
+        raise UserError(f"unknown text-to-image row(s) {', '.join(map(repr, unknown))}; available: {', '.join(TEXT_ROWS)}")
+    _setup(params)
+    e = params.evaluation
+    prepared = jdata.PreparedData.load(PREPARED)
+    hidden_table, mask_table = prepared.embeddings()
+    g = torch.Generator().manual_seed(params.seed)
+    classes = torch.arange(e.num_samples) % 10
+    pid = jdata.assign_prompts(classes, len(params.data.templates), g)
+    hidden, mask, null = hidden_table[pid], mask_table[pid], (hidden_table[:1], mask_table[:1])
+    backbone = build_backbone(params)
+    classifier = load_classifier(ANNOTATORS / "classifier")
+    rewards = {f"reward_{which}": load_reward(REWARDS / which) for which in ("heldout", "train")}
+    reference = prepared.split("test").pixels(slice(0, e.fid_reference))
+    fids = _fids(params, classifier)
+    for fid in fids.values():
+        fid.set_reference(reference)
+    size = params.data.image_size // backbone.factor
+    with torch.no_grad():  # the scale of each reward: real test images, the same for every row
+        real = {f"{name}_real": reward(reference).mean().item() for name, reward in rewards.items()}
+    for method in methods:
+        if method == "teacher":
+            sampler = _teacher_sampler(params, backbone, null)
+        else:
+            generator = load_generator(TEXT_TO_IMAGE / method / "generator", primary=False)[0]
+            sampler = one_step_sampler(generator, None, backbone, size)
+        with stage_run("evaluate", params.profile, _section(params, "evaluation"), condition="text",
+                       tags={"method": method}) as mlflow:
+            start = time.perf_counter()
+            samples = generate(sampler, hidden, mask, None, batch_size=e.batch_size, seed=params.seed)
+            metrics = {"nfe": sampler.nfe, "sample_seconds": time.perf_counter() - start,
+                       "latency_ms": latency_ms(sampler, hidden, mask, None, e.latency_repeats),
+                       "num_samples": len(samples), "prompt_accuracy": prompt_accuracy(classifier, samples, classes)}
+            with torch.no_grad():
+                metrics.update({name: reward(samples).mean().item() for name, reward in rewards.items()})
+            metrics.update(real)
+            for feature, fid in fids.items():
+                metrics[f"fid_{feature}"] = fid(samples)
+                metrics["num_reference"] = fid.num_reference
+            mlflow.log_metrics(metrics)
+            order = torch.argsort(classes[:4 * SAMPLES_SHOWN], stable=True)
+            grid = image_grid(samples[:4 * SAMPLES_SHOWN][order], nrow=SAMPLES_SHOWN)
+            mlflow.log_image(grid, f"{method}_text_samples.png")
+            SAMPLES.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(grid).save(SAMPLES / f"{method}-text.png")
+            write_json({"method": method, "condition": "text", **metrics}, TEXT_TO_IMAGE_METRICS / f"{method}.json")
+            print(f"evaluate {method} text: {json.dumps(metrics)}", flush=True)
+    # the table holds every row scored so far, so evaluating one variant (the Prefect flow) refreshes it
+    rows = [json.loads(f.read_text()) for f in (TEXT_TO_IMAGE_METRICS / f"{m}.json" for m in TEXT_ROWS) if f.is_file()]
+    with stage_run("report", params.profile, _section(params, "evaluation"), tags={"table": "text-to-image"}) as mlflow:
+        with atomic_dir(TEXT_TO_IMAGE_REPORT) as out:
+            write_text_to_image_report(rows, SAMPLES, out, params.profile)
+        mlflow.log_artifacts(str(TEXT_TO_IMAGE_REPORT), "report")
+        print(f"report: {TEXT_TO_IMAGE_REPORT / 'index.html'} ({len(rows)} rows)")
+

@@ -53,6 +53,19 @@ def test_fid_reference_state_is_reused_exactly():
     assert fid(reference) == pytest.approx(0.0, abs=1e-3)
 
 
+def test_inception_fid_tells_a_shifted_set_from_the_same_distribution():
+    """The TF-Inception features FID is defined with (`smoke` turns Inception off to keep CI short;
+    tiny and sd15 use it): 2048 finite features per image, and a FID that sees a shift."""
+    from jdm.metrics import InceptionFeatures
+
+    features = InceptionFeatures()
+    feats = features(images(4, 0))
+    assert feats.shape == (4, 2048) and torch.isfinite(feats).all()
+    fid = FID(features)
+    fid.set_reference(images(24, 0))
+    assert fid(images(24, 1)) < 0.5 * fid(images(24, 2, brightness=0.8))
+
+
 def test_consistency_is_zero_for_the_exact_extractor(smoke_params, tmp_path):
     canny = load_condition("canny", smoke_params, tmp_path)
     x = images(8, 3)

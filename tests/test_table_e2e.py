@@ -146,3 +146,67 @@ def test_paper_pipeline_for_one_condition(smoke_workspace, tmp_path, monkeypatch
         assert (samples["jdm"] - samples["wo-modelling"]).abs().max() > 1e-3
     finally:
         shutil.rmtree(own)
+
+
+TEXT_VARIANTS = ("di", "coupled-cfg", "hfl", "decoupled-cfg", "hfl-on-x")
+TEXT_METRICS = {"nfe", "latency_ms", "reward_heldout", "reward_train", "prompt_accuracy", "fid_classifier",
+                "num_samples", "num_reference"}
+
+
+@pytest.mark.e2e
+def test_text_to_image_variants_train_are_scored_and_run_from_a_flow(smoke_workspace, tmp_path, monkeypatch):
+    """Table 3 through DVC (after the paper test built the DI student): two rewards, the guide, each
+    variant, the rows in metrics, MLflow and the report; then one variant from the Prefect flow."""
+    import sys
+
+    import mlflow
+    import torch
+    from safetensors.torch import load_file
+
+    work = smoke_workspace
+    out = run(["dvc", "repro", "paper/dvc.yaml:evaluate-text-to-image"], work, timeout=1200)
+    for stage in ("reward@train", "reward@heldout", "guide", "evaluate-text-to-image",
+                  *(f"text-to-image@{v}" for v in TEXT_VARIANTS)):
+        assert f"Running stage 'paper/dvc.yaml:{stage}'" in out.stdout, stage
+    status = run(["dvc", "status", "paper/dvc.yaml:evaluate-text-to-image", "--with-deps"], work).stdout
+    assert "changed" not in status, status
+
+    rewards = {w: json.loads((work / f"metrics/rewards/{w}.json").read_text()) for w in ("train", "heldout")}
+    assert all(0 <= r["preference_accuracy"] <= 1 for r in rewards.values())
+    assert rewards["train"]["num_parameters"] != rewards["heldout"]["num_parameters"]  # trained apart, other width
+    guide = json.loads((work / "metrics/guide.json").read_text())
+    assert guide["steps"] == 4 and guide["heldout_loss_guide"] > 0
+
+    weights = {v: load_file(work / f"models/text-to-image/{v}/generator/unet/diffusion_pytorch_model.safetensors")
+               for v in TEXT_VARIANTS}
+    di = load_file(work / "models/baselines/di/generator/unet/diffusion_pytorch_model.safetensors")
+    for v in TEXT_VARIANTS:
+        assert json.loads((work / f"metrics/text-to-image/train-{v}.json").read_text())["steps"] == 2
+        assert any(not torch.equal(weights[v][k], di[k]) for k in di), f"{v} did not train"
+    for a, b in (("di", "coupled-cfg"), ("di", "hfl"), ("di", "decoupled-cfg"), ("hfl", "hfl-on-x")):
+        assert any(not torch.equal(weights[a][k], weights[b][k]) for k in di), f"{a} and {b} trained alike"
+
+    rows = {m: json.loads((work / f"metrics/text-to-image/{m}.json").read_text()) for m in ("teacher",) + TEXT_VARIANTS}
+    for method, row in rows.items():
+        assert TEXT_METRICS <= set(row) and row["method"] == method and row["condition"] == "text"
+        assert row["nfe"] == (4 if method == "teacher" else 1) and row["num_samples"] == 16
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("jdm").experiment_id],
+                              "tags.stage = 'evaluate' and tags.condition = 'text'")
+    assert {r.data.tags["method"] for r in runs} == set(rows)
+    assert all(TEXT_METRICS <= set(r.data.metrics) for r in runs)
+    report = work / "reports/text-to-image"
+    md = (report / "table.md").read_text()
+    assert "JDM w/ decoupled CFG (stronger guide)" in md and "29.75 / 5.90 / 33.97 (JDM w/ better CFG)" in md
+    check_page(report / "index.html", tmp_path, "text-to-image", rows=6, images=6)
+
+    # the deployment's flow, in-process on a temporary Prefect server: one variant, already trained, scored again
+    sys.path.insert(0, str(work / "flows"))
+    from jdm_flows import text_to_image
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        row = text_to_image(variant="hfl", workspace=str(work))
+        assert row["method"] == "hfl" and row["nfe"] == 1
+        with pytest.raises(ValueError, match="unknown text-to-image variant 'hfl2'; available: di, coupled-cfg"):
+            text_to_image(variant="hfl2", workspace=str(work))

@@ -38,7 +38,10 @@ class Players:
 
     `real_eps`, `fake_eps(x_t, t, ctx)`: teacher and fake score. `fake_score` is the fake-score module
     carrying the consistency LoRA (adapter on = consistency model). `log_likelihood(x0, ctx)`: log p(c | x0),
-    or None for plain score distillation (implicit VSD / Diff-Instruct).
+    or None for plain score distillation (implicit VSD / Diff-Instruct); its gradient reaches x_t through
+    the consistency model. `condition_grad(x_t, t, ctx)`, when given, is grad_{x_t} log p(c | x_t) itself,
+    for a condition whose gradient at x_t is known without the consistency model (decoupled CFG: a
+    guidance model's classifier-free guidance); then `log_likelihood` must be None.
     """
 
     sample: Callable[[int, bool], tuple[torch.Tensor, Any]]
@@ -46,6 +49,7 @@ class Players:
     fake_eps: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
     fake_score: torch.nn.Module
     log_likelihood: Callable[[torch.Tensor, Any], torch.Tensor] | None
+    condition_grad: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor] | None = None
 
 
 class JDMTrainer:
@@ -53,6 +57,9 @@ class JDMTrainer:
                  generator_optimizer: torch.optim.Optimizer, fake_optimizer: torch.optim.Optimizer,
                  lora_optimizer: torch.optim.Optimizer, lora_params: list[torch.nn.Parameter],
                  batch_size: int, rng: torch.Generator):
+        if players.condition_grad is not None and (players.log_likelihood is not None or settings.condition_on_x):
+            raise ValueError("a direct condition gradient (condition_grad) replaces log_likelihood and is taken at "
+                             "x_t: give one of the two, and not with condition_on_x")
         self.p, self.schedule, self.s = players, schedule, settings
         self.gen_opt, self.fake_opt, self.lora_opt = generator_optimizer, fake_optimizer, lora_optimizer
         self.lora_params = lora_params
@@ -96,7 +103,9 @@ class JDMTrainer:
         x, ctx = self.p.sample(self.batch_size, True)
         t = self._t(len(x))
         condition = None
-        if self.p.log_likelihood is not None:
+        if self.p.condition_grad is not None:
+            condition = lambda x_t, t_: self.p.condition_grad(x_t, t_, ctx)  # noqa: E731
+        elif self.p.log_likelihood is not None:
             condition = lambda x_t, t_: self._condition_grad(ctx, x_t, t_)  # noqa: E731
         terms = generator_loss(x, t, self._eps(x), self.schedule,
                                real_eps=lambda x_t, t_: self.p.real_eps(x_t, t_, ctx),

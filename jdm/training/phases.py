@@ -7,7 +7,7 @@ Phase 2 (extension): the generator UNet frozen; only a new ControlNet trained, s
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -16,7 +16,7 @@ from ..conditions import Condition
 from ..data import EMPTY_PROMPT_ID
 from ..models.backbone import Backbone
 from ..models.generator import OneStepGenerator, controlnet_from_unet
-from ..objectives import VPSchedule
+from ..objectives import VPSchedule, cfg_condition_grad, cfg_eps
 from .checkpoint import CheckpointSpec
 from .jdm import Players
 
@@ -24,9 +24,10 @@ from .jdm import Players
 @dataclass
 class ControlData:
     """What the generator is conditioned on: prompt ids with their embeddings, and control maps drawn
-    from p(c) (maps of real images, with the prompt of the image they came from)."""
+    from p(c) (maps of real images, with the prompt of the image they came from); `maps` None for a
+    text-to-image student, which draws prompts only."""
 
-    maps: torch.Tensor          # [M,C,H,W] in [0,1]
+    maps: torch.Tensor | None   # [M,C,H,W] in [0,1]
     prompt_ids: torch.Tensor    # [M]
     hidden: torch.Tensor        # [P,L,D]
     mask: torch.Tensor          # [P,L]
@@ -48,17 +49,20 @@ def unet_players(generator: OneStepGenerator, teacher_unet, fake_score, conditio
                  with_condition: bool = True) -> Players:
     """Bind prompts and controls: the generator and the condition see the control, the teacher and
     the fake score see only the prompt (method.md: the teacher never needs to understand c).
-    `with_condition=False` drops the condition term: plain score distillation (Diff-Instruct, Eq. 12)."""
-    name = condition.name
+    `with_condition=False` drops the condition term: plain score distillation (Diff-Instruct, Eq. 12).
+    Without control maps in `data` (and `condition` None) the student is text-to-image only."""
+    name = condition.name if condition is not None else None
     controlled = name in generator.names
-    size = data.maps.shape[-1] // backbone.factor
+    size = (data.maps.shape[-1] // backbone.factor if data.maps is not None
+            else generator.unet.config.sample_size)
 
     def sample(n: int, grad: bool):
-        idx = torch.randint(len(data.maps), (n,), generator=rng)
+        idx = torch.randint(len(data.prompt_ids), (n,), generator=rng)
         pid = data.prompt_ids[idx]
         if prompt_dropout:
             pid = torch.where(torch.rand(n, generator=rng) < prompt_dropout, EMPTY_PROMPT_ID, pid)
-        ctx = {"hidden": data.hidden[pid], "mask": data.mask[pid], "control": data.maps[idx]}
+        ctx = {"hidden": data.hidden[pid], "mask": data.mask[pid],
+               "control": data.maps[idx] if data.maps is not None else None}
         z = torch.randn((n, backbone.channels, size, size), generator=rng)
         with torch.set_grad_enabled(grad):
             return generator(z, ctx["hidden"], ctx["mask"], {name: ctx["control"]} if controlled else {}), ctx
@@ -72,6 +76,60 @@ def unet_players(generator: OneStepGenerator, teacher_unet, fake_score, conditio
                    log_likelihood=log_likelihood if with_condition else None)
 
 
+# Table 3 (the paper's text-to-image results): one-step students with the prompt as their only input
+TEXT_TO_IMAGE_VARIANTS = ("di", "coupled-cfg", "decoupled-cfg", "hfl", "hfl-on-x")
+
+
+def text_to_image_players(variant: str, generator: OneStepGenerator, teacher_unet, fake_score, data: ControlData,
+                          backbone: Backbone, schedule: VPSchedule, rng: torch.Generator, *,
+                          guidance_scale: float = 1.0, guide_unet=None, reward=None,
+                          prompt_dropout: float = 0.0) -> Players:
+    """The players of one text-to-image variant (no ControlNet):
+
+    - `di`: plain score distillation (Diff-Instruct);
+    - `coupled-cfg`: CFG inside the real score, the teacher's eps guided at `guidance_scale` (DMD's way);
+    - `decoupled-cfg`: the teacher's unguided real score for fidelity, and as the condition term the
+      classifier-free guidance of `guide_unet`, another model (-(w / sigma_t)(eps_g(y) - eps_g(null)),
+      w = guidance_scale - 1), taken directly at x_t;
+    - `hfl`, `hfl-on-x`: the reward as log p(preferred | x) (Eq. 9), through the consistency model f(x_t, t)
+      or on the generator's output (the caller sets `condition_on_x`, the paper's Fig. 6 ablation).
+    """
+    if variant not in TEXT_TO_IMAGE_VARIANTS:
+        raise ValueError(f"unknown text-to-image variant {variant!r}; available: {', '.join(TEXT_TO_IMAGE_VARIANTS)}")
+    players = unet_players(generator, teacher_unet, fake_score, None, data, backbone, rng, prompt_dropout,
+                           with_condition=False)
+    null_hidden, null_mask = data.hidden[EMPTY_PROMPT_ID], data.mask[EMPTY_PROMPT_ID]
+
+    def prompt_and_null(unet):
+        """(eps(x_t, y), eps(x_t, null)) from one batched pass, as CFG samplers do."""
+        def eps(x_t, t, ctx):
+            n = len(x_t)
+            hidden = torch.cat([ctx["hidden"], null_hidden.expand(n, *null_hidden.shape)])
+            mask = torch.cat([ctx["mask"], null_mask.expand(n, *null_mask.shape)])
+            out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=hidden,
+                       encoder_attention_mask=mask).sample
+            return out.chunk(2)
+        return eps
+
+    if variant == "coupled-cfg":
+        teacher_pair = prompt_and_null(teacher_unet)
+        return replace(players, real_eps=lambda x_t, t, ctx: cfg_eps(*teacher_pair(x_t, t, ctx), guidance_scale))
+    if variant == "decoupled-cfg":
+        if guide_unet is None:
+            raise ValueError("decoupled-cfg needs a guidance model (guide_unet)")
+        guide_pair = prompt_and_null(guide_unet)
+
+        def condition_grad(x_t, t, ctx):
+            with torch.no_grad():
+                return cfg_condition_grad(*guide_pair(x_t, t, ctx), schedule.coeffs(t, x_t)[1], guidance_scale - 1)
+        return replace(players, condition_grad=condition_grad)
+    if variant in ("hfl", "hfl-on-x"):
+        if reward is None:
+            raise ValueError(f"{variant} needs a reward model")
+        return replace(players, log_likelihood=lambda x0, ctx: reward(backbone.decode_differentiable(x0)))
+    return players
+
+
 def _adam(groups, p) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=tuple(p.adam_betas), weight_decay=0.0)
 
@@ -79,7 +137,8 @@ def _adam(groups, p) -> torch.optim.Optimizer:
 def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: list[torch.nn.Parameter],
                 condition: Condition, data: ControlData, backbone: Backbone, schedule: VPSchedule, p, steps: int, *,
                 train_unet: bool, seed: int, checkpoint: CheckpointSpec | None, log,
-                evaluate: Callable[[], dict] | None = None) -> int:
+                evaluate: Callable[[], dict] | None = None,
+                make_players: Callable[[torch.Generator], Players] | None = None) -> int:
     """Run one warm-up phase for `steps` JDM iterations (p: the `jdm` params section); return the step
     it resumed from (0 = a fresh start).
 
@@ -87,7 +146,7 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: lis
     ControlNet (the UNet is frozen and never handed to an optimiser). Checkpoints as `checkpoint`
     says and resumes from there; at the end the generator holds its EMA weights when `p.ema_decay` > 0.
     `evaluate()` (held-out scores) is logged every `p.eval_every` steps, so a run's control can be
-    watched taking hold in MLflow.
+    watched taking hold in MLflow. `make_players(rng)` replaces the condition's players (text-to-image variants).
     """
     from diffusers.training_utils import EMAModel
 
@@ -103,8 +162,11 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: lis
         groups.append({"params": list(generator.unet.parameters()), "lr": p.generator_lr})
     trained = [q for group in groups for q in group["params"]]
     check_trainable_fp32(trained + list(fake_score.parameters()), "the one-step generator or the fake score")
-    players = unet_players(generator, teacher_unet, fake_score, condition, data, backbone, rng, p.prompt_dropout,
-                           with_condition=p.condition_weight > 0)
+    if make_players is None:
+        players = unet_players(generator, teacher_unet, fake_score, condition, data, backbone, rng, p.prompt_dropout,
+                               with_condition=p.condition_weight > 0)
+    else:
+        players = make_players(rng)
     jdm_settings = JDMSettings(condition_weight=p.condition_weight, condition_t_max=p.condition_t_max,
                                condition_on_x=p.condition_on_x, t_min=p.t_min, t_max=p.t_max, fake_steps=p.fake_steps,
                                consistency_steps=p.consistency_steps, consistency_ema=p.consistency_ema)

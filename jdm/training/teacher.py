@@ -6,6 +6,7 @@ is saved and sampled), min-SNR loss weighting, warm-up then cosine learning rate
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -37,8 +38,10 @@ def denoising_loss(unet, noise_scheduler, x0, hidden, mask, generator, snr_gamma
 
 def train_teacher(params: TeacherParams, train: Split, embeddings: tuple[torch.Tensor, torch.Tensor],
                   backbone: Backbone, *, seed: int, log: Callable[[int, dict], None] | None = None,
-                  checkpoint: CheckpointSpec | None = None):
+                  checkpoint: CheckpointSpec | None = None, init_unet=None):
     """Train the teacher UNet; return (EMA UNet, noise scheduler). Resumable from `checkpoint`.
+    `init_unet`: start from a copy of these weights instead of a fresh UNet (decoupled CFG's guidance
+    model is the teacher trained further).
 
     Under `accelerate launch` (several processes, gloo on CPU or NCCL on GPUs) each process draws its
     own batches (seed + process index) and accelerate averages the gradients: the effective batch is
@@ -48,7 +51,10 @@ def train_teacher(params: TeacherParams, train: Split, embeddings: tuple[torch.T
     g = torch.Generator().manual_seed(seed + accelerator.process_index)
     hidden_table, mask_table = embeddings
     size = train.images.shape[-1] // backbone.factor
-    unet = build_unet(params.unet, size, backbone.channels, hidden_table.shape[-1])
+    if init_unet is None:
+        unet = build_unet(params.unet, size, backbone.channels, hidden_table.shape[-1])
+    else:
+        unet = copy.deepcopy(init_unet).train().requires_grad_(True)
     noise_scheduler = build_noise_scheduler(params)
     ema = EMAModel(unet.parameters(), decay=params.ema_decay, model_cls=type(unet), model_config=unet.config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=params.lr, weight_decay=1e-2)
