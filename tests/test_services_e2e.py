@@ -4,6 +4,7 @@ as a user types it. Everything started is stopped by PID at the end."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -164,8 +165,10 @@ def test_a_training_stage_runs_under_accelerate_on_two_cpu_processes(smoke_works
     psutil.wait_procs(tree, timeout=30)
     assert all(list((ckpt / f"process-{i}").glob("step-*.safetensors")) for i in (0, 1)), "killed too late"
     out = run(cmd, work)
-    resumed = [line for line in (out.stdout + out.stderr).splitlines() if "resumed from the checkpoint of step" in line]
-    assert len(resumed) == 2 and len({line.split(" in ")[0] for line in resumed}) == 1, resumed  # the same step
+    # the two processes print at once, so their lines may share one: match the messages, not lines
+    resumed = re.findall(r"resumed from the checkpoint of step (\d+) in \S*process-(\d)", out.stdout + out.stderr)
+    assert len(resumed) == 2 and len({step for step, _ in resumed}) == 1, resumed  # the same step
+    assert {proc for _, proc in resumed} == {"0", "1"}, resumed
     assert not ckpt.exists()
     metrics = json.loads((work / "metrics/teacher-train.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["num_parameters"] > 0
