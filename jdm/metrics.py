@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 
 def inception_path() -> Path:
@@ -56,6 +55,10 @@ class FID:
     REFERENCE_STATE = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
     def __init__(self, features: torch.nn.Module, batch_size: int = 64):
+        # here, not at the top: torchmetrics takes seconds to import (transformers, torch._dynamo), and
+        # training stages import this module for `consistency` alone
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
         self.metric = FrechetInceptionDistance(feature=features, normalize=True, reset_real_features=False)
         self.batch_size = batch_size
         self.num_reference = 0

@@ -5,9 +5,10 @@ stand-in with the Bradley-Terry loss on preference pairs it can make honestly: a
 image is preferred over a degraded copy of itself (blur, noise, speckle, lost contrast, blockiness:
 the ways a briefly trained one-step generator fails). The stand-in scores "looks like a clean real
 image"; it knows nothing of taste or of the prompt (it takes prompts only to share ImageReward's
-interface). The plan for issue 6's stages (not built yet): two trained independently (another seed,
-the other half of the train split, another width), one giving the HFL gradient and the other only
-scoring, so reward hacking (a gain the training reward sees and the held-out one does not) shows.
+interface). The paper stages `reward@train` and `reward@heldout` train two independently (another
+seed, the other half of the train split, another width): the first gives the HFL gradient, the
+second only scores, so reward hacking (a gain the training reward sees and the held-out one does
+not) shows.
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ def test_smoke_pipeline_end_to_end(smoke_workspace):
         assert (work / path).is_file(), path
     teacher = json.loads((work / "metrics/teacher.json").read_text())
     assert teacher["num_samples"] == 16 and teacher["num_reference"] == 32
-    assert 0.0 <= teacher["prompt_accuracy"] <= 1.0 and teacher["fid_inception"] > 0 and teacher["fid_classifier"] > 0
+    assert 0.0 <= teacher["prompt_accuracy"] <= 1.0 and teacher["fid_classifier"] > 0
+    assert "fid_inception" not in teacher  # smoke turns Inception FID off (CI time); test_evaluation covers it
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     exp = client.get_experiment_by_name("jdm")

@@ -15,7 +15,7 @@ from PIL import Image
 from .conftest import run
 
 CONDITIONS = ("canny", "hed", "depth", "sr")
-ROW_METRICS = {"fid_inception", "fid_classifier", "consistency", "nfe", "latency_ms", "prompt_accuracy",
+ROW_METRICS = {"fid_classifier", "consistency", "nfe", "latency_ms", "prompt_accuracy",
                "num_samples", "num_reference"}
 PAPER_METHODS = ("di-controlnet", "denoising", "implicit", "wo-warmup", "wo-modelling")
 
@@ -59,7 +59,7 @@ def test_table_in_dvc_metrics_mlflow_and_report(smoke_workspace, tmp_path):
             assert ROW_METRICS <= set(row) and row["method"] == method and row["condition"] == c
             assert row["num_samples"] == 16 and row["num_reference"] == 16
             assert row["nfe"] == (1 if method == "jdm" else 4)  # smoke samples ControlNet with 4 steps
-            assert row["fid_inception"] > 0 and row["fid_classifier"] > 0 and 0 <= row["consistency"] <= 1
+            assert "fid_inception" not in row and row["fid_classifier"] > 0 and 0 <= row["consistency"] <= 1
     # one step against a multi-step sampler with CFG, timed the same way
     for c in CONDITIONS:
         assert files[f"metrics/eval/jdm-{c}.json"]["latency_ms"] < files[f"metrics/eval/controlnet-50-{c}.json"]["latency_ms"]

@@ -218,7 +218,7 @@ def restore_agreed(checkpointer: Checkpointer, accelerator=None) -> int:
         step = checkpointer.restore(at_most=common)
     if extreme(step, dist.ReduceOp.MAX) != common or extreme(step, dist.ReduceOp.MIN) != common:
         raise TrainingStopped(f"the processes' checkpoints in {checkpointer.directory.parent} have no step in "
-                               f"common; remove that folder to start afresh")
+                              f"common; remove that folder to start afresh")
     return step
 
 
