@@ -228,10 +228,21 @@ class RewardsParams(Section):
 
 
 class GuideParams(Section):
-    """Decoupled CFG's guidance model: the teacher trained `steps` further (fresh optimiser, cosine LR)."""
+    """Decoupled CFG's guidance model: the teacher trained `steps` further (fresh optimiser, cosine LR), or
+    with `pretrained` another pipeline's UNet (a local dir or hub id; sd15: SD 2.1-base guiding SD 1.5,
+    the same VAE), which reads the prompts through its own encoder `text_encoder` (None: the teacher's)."""
     steps: PositiveInt = 600
     lr: PositiveFloat = 5e-4
     warmup_steps: int = Field(20, ge=0)
+    pretrained: Optional[str] = None
+    text_encoder: Optional[TextEncoderParams] = None
+
+    @model_validator(mode="after")
+    def _encoder_needs_pretrained(self):
+        if self.text_encoder is not None and not self.pretrained:
+            raise ValueError("guide.text_encoder is for a pretrained guide (guide.pretrained); a guide trained from "
+                             "the teacher reads the teacher's prompt embeddings")
+        return self
 
 
 class TextToImageParams(Section):

@@ -671,49 +671,98 @@ def run_reward(params: Params, which: str) -> None:
         print(f"reward {which}: {json.dumps(metrics)}")
 
 
-def _heldout_denoising_loss(unet, noise_scheduler, prepared, seed: int, num: int = 512) -> float:
-    """Plain epsilon MSE on held-out images, the same noise and timesteps for every model scored."""
+def _heldout_denoising_loss(unet, noise_scheduler, prepared, backbone, seed: int, embeddings=None,
+                            num: int = 512) -> float:
+    """Plain epsilon MSE on held-out images (encoded by the backbone), the same noise and timesteps for
+    every model scored; `embeddings` the prompt table the model reads (default: the teacher's)."""
     from .training.teacher import denoising_loss
 
     held_out = prepared.split("eval")
-    hidden, mask = prepared.embeddings()
+    hidden, mask = prepared.embeddings() if embeddings is None else embeddings
     n = min(num, len(held_out))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        return denoising_loss(unet, noise_scheduler, held_out.pixels(slice(0, n)) * 2 - 1,
+        return denoising_loss(unet, noise_scheduler, backbone.encode(held_out.pixels(slice(0, n))),
                               hidden[held_out.prompt_ids[:n]], mask[held_out.prompt_ids[:n]], g, None).item()
 
 
+def _check_guide(unet, noise_scheduler, teacher_unet, prompt_dim: int, source: str) -> None:
+    """A pretrained guide must predict epsilon on the teacher's latents and read prompts of the width its
+    embeddings have (SD 2.1-base guiding SD 1.5: epsilon, the same 4-channel VAE latents, 1024-d OpenCLIP)."""
+    from .errors import UserError
+
+    prediction = noise_scheduler.config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise UserError(f"guide.pretrained {source!r} predicts {prediction!r}; the decoupled CFG term needs an "
+                        f"epsilon-prediction model (for SD 1.5: stable-diffusion-2-1-base, not the 768-px v-model)")
+    if unet.config.in_channels != teacher_unet.config.in_channels:
+        raise UserError(f"guide.pretrained {source!r} takes {unet.config.in_channels} latent channels, the teacher "
+                        f"{teacher_unet.config.in_channels}: the guide must share the teacher's autoencoder")
+    if unet.config.cross_attention_dim != prompt_dim:
+        raise UserError(f"guide.pretrained {source!r} reads {unet.config.cross_attention_dim}-d prompt states, the "
+                        f"prompt embeddings are {prompt_dim}-d: set guide.text_encoder to the guide's own encoder")
+
+
 def run_guide(params: Params) -> None:
-    """Decoupled CFG's guidance model: the teacher trained `guide.steps` further, so that it models
-    p(y | x_t) better than the teacher whose fidelity term the students keep (the paper: SD 2.1 guiding
-    SD 1.5). Held-out denoising loss of both is recorded, the claim 'stronger' measured, not assumed."""
+    """Decoupled CFG's guidance model, a better model of p(y | x_t) than the teacher whose fidelity term
+    the students keep (the paper: SD 2.1 guiding SD 1.5). By default the teacher trained `guide.steps`
+    further; with `guide.pretrained` another pipeline's UNet (a pointer, as the teacher stage writes),
+    with its own prompt embeddings when `guide.text_encoder` is set. Held-out denoising loss of teacher
+    and guide is recorded, so 'stronger' is measured, not assumed."""
+    from .errors import UserError
     from .models.teacher import build_backbone, load_teacher, save_teacher
+    from .text import TextEncoder
     from .training.teacher import train_teacher
 
     _setup(params)
     g = params.guide
-    if params.teacher.pretrained:
-        raise NotImplementedError("the guide stage trains on the embedded data; for sd15 the guidance model "
-                                  "(SD 2.1) would be loaded, which is not built yet")
+    if params.teacher.pretrained and not g.pretrained:
+        raise UserError("guide.pretrained is empty but the teacher is pretrained: name the guidance model's "
+                        "pipeline (a local dir or hub id; sd15: stable-diffusion-2-1-base); the guide stage trains "
+                        "a guide only from a teacher it trained itself")
     settings = params.teacher.model_copy(update={"steps": g.steps, "lr": g.lr, "warmup_steps": g.warmup_steps})
     prepared = jdata.PreparedData.load(PREPARED)
-    teacher_unet, _ = load_teacher(TEACHER)
+    backbone = build_backbone(params)
+    teacher_unet, teacher_scheduler = load_teacher(TEACHER)
+    embeddings = TextEncoder(g.text_encoder).encode(prepared.prompts) if g.text_encoder else None
     checkpoint = _checkpoint(params, CHECKPOINTS / "guide", _section(params, "teacher", "guide"))
     with stage_run("guide", params.profile, _section(params, "teacher", "guide")) as mlflow:
         start = time.perf_counter()
-        unet, noise_scheduler = train_teacher(settings, prepared.split("train"), prepared.embeddings(),
-                                              build_backbone(params), seed=params.seed + 1, log=_logger(mlflow),
-                                              checkpoint=checkpoint, init_unet=teacher_unet)
-        metrics = {"train_seconds": time.perf_counter() - start, "steps": g.steps,
-                   "heldout_loss_teacher": _heldout_denoising_loss(teacher_unet, noise_scheduler, prepared, params.seed),
-                   "heldout_loss_guide": _heldout_denoising_loss(unet, noise_scheduler, prepared, params.seed)}
         with atomic_dir(GUIDE) as out:
-            save_teacher(unet, noise_scheduler, out)
+            if g.pretrained:
+                write_json({"pretrained": g.pretrained}, out / "pretrained.json")
+                unet, noise_scheduler = load_teacher(out)
+                _check_guide(unet, noise_scheduler, teacher_unet,
+                             (prepared.embeddings() if embeddings is None else embeddings)[0].shape[-1],
+                             g.pretrained)
+            else:
+                unet, noise_scheduler = train_teacher(settings, prepared.split("train"), prepared.embeddings(),
+                                                      backbone, seed=params.seed + 1, log=_logger(mlflow),
+                                                      checkpoint=checkpoint, init_unet=teacher_unet)
+                save_teacher(unet, noise_scheduler, out)
+            if embeddings is not None:
+                save_tensors({"hidden_states": embeddings[0], "attention_mask": embeddings[1]},
+                             out / "embeddings.safetensors")
+            metrics = {"train_seconds": time.perf_counter() - start, "steps": 0 if g.pretrained else g.steps,
+                       "heldout_loss_teacher": _heldout_denoising_loss(teacher_unet, teacher_scheduler, prepared,
+                                                                       backbone, params.seed),
+                       "heldout_loss_guide": _heldout_denoising_loss(unet, noise_scheduler, prepared, backbone,
+                                                                     params.seed, embeddings)}
         mlflow.log_metrics(metrics)
         write_json(metrics, METRICS / "guide.json")
         print(f"guide: {json.dumps(metrics)}")
     remove_checkpoint(checkpoint.directory)
+
+
+def load_guide_embeddings():
+    """The guide's own prompt table (hidden, mask by prompt id), or None when it reads the teacher's."""
+    path = GUIDE / "embeddings.safetensors"
+    if not path.is_file():
+        return None
+    from .io import load_tensors
+
+    t = load_tensors(path)
+    return t["hidden_states"], t["attention_mask"]
 
 
 def run_text_to_image(params: Params, variant: str) -> None:
@@ -749,11 +798,13 @@ def run_text_to_image(params: Params, variant: str) -> None:
     generator, _, meta = load_generator(source / "generator", primary=False)
     fake, lora = load_fake_score(source / "fake_score", p.lora_rank)
     guide_unet = load_teacher(GUIDE)[0] if variant == "decoupled-cfg" else None
+    guide_embeddings = load_guide_embeddings() if variant == "decoupled-cfg" else None
     reward = load_reward(REWARDS / "train") if variant.startswith("hfl") else None
 
     def make_players(rng):
         return text_to_image_players(variant, generator, teacher_unet, fake, data, backbone, schedule, rng,
-                                     guidance_scale=t.guidance_scale, guide_unet=guide_unet, reward=reward,
+                                     guidance_scale=t.guidance_scale, guide_unet=guide_unet,
+                                     guide_embeddings=guide_embeddings, reward=reward,
                                      prompt_dropout=p.prompt_dropout)
 
     stage_params = {**_section(params, "jdm", "text_to_image"), "jdm": p.model_dump(mode="json"), "variant": variant}

@@ -32,6 +32,7 @@ def test_committed_params_is_the_embedded_default():
     (lambda r: r["checkpoint"].update(keep=0), ["checkpoint.keep", "greater than 0"]),
     (lambda r: r["evaluation"].update(sampler="euler"), ["evaluation.sampler", "'ddim' or 'unipc'"]),
     (lambda r: r.update(bogus={}), ["bogus: unknown key", "teacher"]),
+    (lambda r: r["guide"].update(text_encoder={"kind": "minilm"}), ["guide.text_encoder is for a pretrained guide"]),
 ])
 def test_bad_params_name_the_key_and_what_is_allowed(edit, expected):
     r = raw()

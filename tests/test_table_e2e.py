@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import run
+from .conftest import params_file, run
 
 CONDITIONS = ("canny", "hed", "depth", "sr")
 ROW_METRICS = {"fid_classifier", "consistency", "nfe", "latency_ms", "prompt_accuracy",
@@ -210,3 +210,29 @@ def test_text_to_image_variants_train_are_scored_and_run_from_a_flow(smoke_works
         assert row["method"] == "hfl" and row["nfe"] == 1
         with pytest.raises(ValueError, match="unknown text-to-image variant 'hfl2'; available: di, coupled-cfg"):
             text_to_image(variant="hfl2", workspace=str(work))
+
+    # a pretrained guide with a prompt encoder of its own (sd15's way: SD 2.1-base and its OpenCLIP), here
+    # a random UNet reading 48-d states and a random 48-d BERT beside MiniLM's tokenizer, from local folders
+    from diffusers import UNet2DConditionModel
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from jdm.text import minilm_dir
+
+    pipe, encoder = tmp_path / "guide-pipeline", tmp_path / "guide-encoder"
+    teacher = UNet2DConditionModel.from_pretrained(work / "models/teacher/unet")
+    UNet2DConditionModel.from_config({**teacher.config, "cross_attention_dim": 48}).save_pretrained(pipe / "unet")
+    shutil.copytree(work / "models/teacher/scheduler", pipe / "scheduler")
+    BertModel(BertConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96)
+              ).save_pretrained(encoder)
+    AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(encoder)
+    pf = params_file(work, "guide.yaml", guide={"pretrained": str(pipe), "text_encoder": {"kind": "minilm",
+                                                                                          "path": str(encoder)}})
+    run(["jdm", "--params", pf, "guide"], work)
+    guide = json.loads((work / "metrics/guide.json").read_text())
+    assert guide["steps"] == 0 and guide["heldout_loss_guide"] > 0
+    assert json.loads((work / "models/guide/pretrained.json").read_text())["pretrained"] == str(pipe)
+    table = load_file(work / "models/guide/embeddings.safetensors")
+    assert table["hidden_states"].shape[-1] == 48 and len(table["hidden_states"]) == len(table["attention_mask"])
+    run(["jdm", "--params", pf, "text-to-image", "decoupled-cfg"], work)
+    own = load_file(work / "models/text-to-image/decoupled-cfg/generator/unet/diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(own[k], weights["decoupled-cfg"][k]) for k in di)  # another guide, another student

@@ -120,3 +120,41 @@ def test_variants_refuse_what_they_cannot_use(smoke_params):
     with pytest.raises(ValueError, match="give one of the two"):
         JDMTrainer(both, schedule, JDMSettings(), generator_optimizer=None, fake_optimizer=None, lora_optimizer=None,
                    lora_params=[], batch_size=2, rng=torch.Generator())
+
+
+def test_decoupled_cfg_guide_reads_prompts_through_its_own_encoder(smoke_params):
+    """SD 2.1 guiding SD 1.5: the guide takes its own (wider) prompt states, looked up by prompt id; the
+    teacher and the generator keep theirs."""
+    players, schedule, teacher, _, _, _, _, data, fake, _, g = setup(smoke_params, "di")
+    guide = build_unet(smoke_params.teacher.unet, 16, 1, 48).eval().requires_grad_(False)
+    table = (torch.randn(5, 4, 48, generator=g), torch.ones(5, 4, dtype=torch.long))
+    generator = build_generator(teacher, schedule, None, Backbone(1), t_gen=900, with_controlnet=False)
+    players = text_to_image_players("decoupled-cfg", generator, teacher, fake, data, Backbone(1), schedule, g,
+                                    guidance_scale=SCALE, guide_unet=guide, guide_embeddings=table)
+    x, ctx = players.sample(6, False)
+    t = torch.randint(20, 980, (6,), generator=g)
+    x_t = schedule.noisy(x, torch.randn(x.shape, generator=g), t)
+    pid = ctx["prompt_ids"]
+    with torch.no_grad():
+        expected = -((SCALE - 1) / schedule.coeffs(t, x_t)[1]) * (eps(guide, x_t, t, table[0][pid], table[1][pid])
+                                                                   - eps(guide, x_t, t, table[0][0].expand(6, -1, -1),
+                                                                         table[1][0].expand(6, -1)))
+        assert torch.allclose(players.condition_grad(x_t, t, ctx), expected, atol=1e-5, rtol=1e-4)
+        assert torch.equal(players.real_eps(x_t, t, ctx), eps(teacher, x_t, t, ctx["hidden"], ctx["mask"]))
+
+
+def test_a_pretrained_guide_that_cannot_guide_is_refused_naming_why(smoke_params):
+    from diffusers import DDPMScheduler
+
+    from jdm.errors import UserError
+    from jdm.stages import _check_guide
+
+    teacher = build_unet(smoke_params.teacher.unet, 16, 1, 32)
+    epsilon, v = DDPMScheduler(), DDPMScheduler(prediction_type="v_prediction")
+    _check_guide(build_unet(smoke_params.teacher.unet, 16, 1, 32), epsilon, teacher, 32, "guide-dir")  # fits
+    with pytest.raises(UserError, match="guide.pretrained 'sd21' predicts 'v_prediction'; the decoupled CFG term"):
+        _check_guide(teacher, v, teacher, 32, "sd21")
+    with pytest.raises(UserError, match="reads 48-d prompt states, the prompt embeddings are 32-d: set guide.text_encoder"):
+        _check_guide(build_unet(smoke_params.teacher.unet, 16, 1, 48), epsilon, teacher, 32, "sd21")
+    with pytest.raises(UserError, match="takes 3 latent channels, the teacher 1"):
+        _check_guide(build_unet(smoke_params.teacher.unet, 16, 3, 32), epsilon, teacher, 32, "sd21")

@@ -61,7 +61,7 @@ def unet_players(generator: OneStepGenerator, teacher_unet, fake_score, conditio
         pid = data.prompt_ids[idx]
         if prompt_dropout:
             pid = torch.where(torch.rand(n, generator=rng) < prompt_dropout, EMPTY_PROMPT_ID, pid)
-        ctx = {"hidden": data.hidden[pid], "mask": data.mask[pid],
+        ctx = {"prompt_ids": pid, "hidden": data.hidden[pid], "mask": data.mask[pid],
                "control": data.maps[idx] if data.maps is not None else None}
         z = torch.randn((n, backbone.channels, size, size), generator=rng)
         with torch.set_grad_enabled(grad):
@@ -82,7 +82,7 @@ TEXT_TO_IMAGE_VARIANTS = ("di", "coupled-cfg", "decoupled-cfg", "hfl", "hfl-on-x
 
 def text_to_image_players(variant: str, generator: OneStepGenerator, teacher_unet, fake_score, data: ControlData,
                           backbone: Backbone, schedule: VPSchedule, rng: torch.Generator, *,
-                          guidance_scale: float = 1.0, guide_unet=None, reward=None,
+                          guidance_scale: float = 1.0, guide_unet=None, guide_embeddings=None, reward=None,
                           prompt_dropout: float = 0.0) -> Players:
     """The players of one text-to-image variant (no ControlNet):
 
@@ -90,7 +90,8 @@ def text_to_image_players(variant: str, generator: OneStepGenerator, teacher_une
     - `coupled-cfg`: CFG inside the real score, the teacher's eps guided at `guidance_scale` (DMD's way);
     - `decoupled-cfg`: the teacher's unguided real score for fidelity, and as the condition term the
       classifier-free guidance of `guide_unet`, another model (-(w / sigma_t)(eps_g(y) - eps_g(null)),
-      w = guidance_scale - 1), taken directly at x_t;
+      w = guidance_scale - 1), taken directly at x_t; `guide_embeddings` (hidden [P,L,D], mask [P,L] by
+      prompt id) when the guide reads prompts through its own encoder (SD 2.1 guiding SD 1.5);
     - `hfl`, `hfl-on-x`: the reward as log p(preferred | x) (Eq. 9), through the consistency model f(x_t, t)
       or on the generator's output (the caller sets `condition_on_x`, the paper's Fig. 6 ablation).
     """
@@ -98,26 +99,29 @@ def text_to_image_players(variant: str, generator: OneStepGenerator, teacher_une
         raise ValueError(f"unknown text-to-image variant {variant!r}; available: {', '.join(TEXT_TO_IMAGE_VARIANTS)}")
     players = unet_players(generator, teacher_unet, fake_score, None, data, backbone, rng, prompt_dropout,
                            with_condition=False)
-    null_hidden, null_mask = data.hidden[EMPTY_PROMPT_ID], data.mask[EMPTY_PROMPT_ID]
 
-    def prompt_and_null(unet):
-        """(eps(x_t, y), eps(x_t, null)) from one batched pass, as CFG samplers do."""
+    def prompt_and_null(unet, embeddings):
+        """(eps(x_t, y), eps(x_t, null)) from one batched pass, as CFG samplers do; `embeddings` is the
+        prompt table this model reads."""
+        table_hidden, table_mask = embeddings
+        null_hidden, null_mask = table_hidden[EMPTY_PROMPT_ID], table_mask[EMPTY_PROMPT_ID]
+
         def eps(x_t, t, ctx):
-            n = len(x_t)
-            hidden = torch.cat([ctx["hidden"], null_hidden.expand(n, *null_hidden.shape)])
-            mask = torch.cat([ctx["mask"], null_mask.expand(n, *null_mask.shape)])
+            n, pid = len(x_t), ctx["prompt_ids"]
+            hidden = torch.cat([table_hidden[pid], null_hidden.expand(n, *null_hidden.shape)])
+            mask = torch.cat([table_mask[pid], null_mask.expand(n, *null_mask.shape)])
             out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=hidden,
                        encoder_attention_mask=mask).sample
             return out.chunk(2)
         return eps
 
     if variant == "coupled-cfg":
-        teacher_pair = prompt_and_null(teacher_unet)
+        teacher_pair = prompt_and_null(teacher_unet, (data.hidden, data.mask))
         return replace(players, real_eps=lambda x_t, t, ctx: cfg_eps(*teacher_pair(x_t, t, ctx), guidance_scale))
     if variant == "decoupled-cfg":
         if guide_unet is None:
             raise ValueError("decoupled-cfg needs a guidance model (guide_unet)")
-        guide_pair = prompt_and_null(guide_unet)
+        guide_pair = prompt_and_null(guide_unet, (data.hidden, data.mask) if guide_embeddings is None else guide_embeddings)
 
         def condition_grad(x_t, t, ctx):
             with torch.no_grad():
