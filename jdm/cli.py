@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reward", help="train a reward stand-in for human-feedback learning (paper/dvc.yaml calls this)")
     p.add_argument("which", choices=("train", "heldout"), help="train: gives HFL its gradient; heldout: only scores")
     p.set_defaults(func=cmd_stage)
-    sub.add_parser("guide", help="train decoupled CFG's guidance model (the teacher, trained further)").set_defaults(
-        func=cmd_stage)
+    sub.add_parser("guide", help="decoupled CFG's guidance model: the teacher trained further, or the pretrained "
+                                 "pipeline guide.pretrained names").set_defaults(func=cmd_stage)
     p = sub.add_parser("text-to-image", help="train a one-step text-to-image variant of the paper's Table 3")
     p.add_argument("variant", help="di, coupled-cfg, decoupled-cfg, hfl or hfl-on-x")
     p.set_defaults(func=cmd_stage)
