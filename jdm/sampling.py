@@ -6,6 +6,7 @@ import torch
 from diffusers import DDIMScheduler, UniPCMultistepScheduler
 
 from .models.generator import controlnet_residuals
+from .objectives import cfg_eps
 
 SAMPLERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler}
 
@@ -32,7 +33,6 @@ def sample_cfg(unet, scheduler_config, hidden, mask, null_hidden, null_mask, *, 
                                          inp, t, ctx)
         eps = unet(inp, t, encoder_hidden_states=ctx, encoder_attention_mask=ctx_mask, **residuals).sample
         if guided:
-            eps_c, eps_u = eps.chunk(2)
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
+            eps = cfg_eps(*eps.chunk(2), guidance_scale)
         x = scheduler.step(eps, t, x).prev_sample
     return x
