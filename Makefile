@@ -53,6 +53,7 @@ BENCH_PIPELINE ?= smoke
 bench: install
 	python benchmarks/inference.py --profile $(PROFILE)
 	python benchmarks/jdm_iteration.py --profile $(PROFILE)
+	python benchmarks/acceleration.py --profile $(PROFILE)
 	python benchmarks/pipeline.py --profile $(BENCH_PIPELINE)
 
 ui: install

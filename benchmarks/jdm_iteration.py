@@ -26,7 +26,9 @@ import json
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -130,6 +132,56 @@ def optimizer_step_seconds(params: list[torch.nn.Parameter], repeats: int) -> di
     return out
 
 
+@dataclass
+class Steps:
+    """One teacher denoising step and one JDM iteration on the same batch, ready to time."""
+
+    teacher_step: Callable[[], None]
+    trainer: JDMTrainer
+    generator: torch.nn.Module
+    fake: torch.nn.Module
+    lora: list
+    hidden: torch.Tensor
+    mask: torch.Tensor
+
+    def networks(self) -> list[torch.nn.Module]:
+        return [self.generator.unet, *self.generator.controlnets.values(), self.fake]
+
+
+def build_steps(nets, batch: int, fake_steps: int, g: torch.Generator, timer: PassTimer | None = None) -> Steps:
+    """The teacher's own training step (the unit everything is measured in) and a JDM trainer with the
+    profile's settings, on the device the profile's networks and data are on."""
+    p, teacher = nets.params.jdm, nets.teacher
+    opt = torch.optim.AdamW(teacher.parameters(), lr=1e-4)
+    x0 = nets.images[:batch] * 2 - 1
+    hidden, mask = nets.data.hidden[nets.data.prompt_ids[:batch]], nets.data.mask[nets.data.prompt_ids[:batch]]
+
+    def teacher_step():
+        teacher.train().requires_grad_(True)
+        loss = denoising_loss(teacher, nets.noise_scheduler, x0, hidden, mask, g, 5.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        teacher.eval().requires_grad_(False)
+
+    teacher.eval().requires_grad_(False)
+    generator = build_generator(teacher, nets.schedule, nets.condition, nets.backbone, t_gen=p.t_gen)
+    fake, lora = build_fake_score(teacher, lora_rank=p.lora_rank)
+    if timer is not None:
+        timer.wrap("generator_unet", generator.unet)
+        timer.wrap("controlnet", generator.controlnet(nets.condition.name))
+        timer.wrap("fake_score/consistency", fake)
+        timer.wrap("teacher", teacher)
+    players = unet_players(generator, teacher, fake, nets.condition, nets.data, nets.backbone, g)
+    settings = JDMSettings(condition_weight=p.condition_weight, condition_t_max=p.condition_t_max, t_min=p.t_min,
+                           t_max=p.t_max, fake_steps=fake_steps, consistency_steps=p.consistency_steps)
+    trainer = JDMTrainer(players, nets.schedule, settings,
+                         generator_optimizer=torch.optim.AdamW([q for q in generator.parameters() if q.requires_grad], lr=1e-5),
+                         fake_optimizer=torch.optim.AdamW(base_parameters(fake), lr=1e-5),
+                         lora_optimizer=torch.optim.AdamW(lora, lr=1e-5), lora_params=lora, batch_size=batch, rng=g)
+    return Steps(teacher_step, trainer, generator, fake, lora, hidden, mask)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="tiny")
@@ -142,43 +194,16 @@ def main() -> None:
     args.batch = args.batch or p.batch_size
     fake_steps = args.fake_steps or p.fake_steps
     g = torch.Generator().manual_seed(0)
-    size, teacher, noise_scheduler, schedule = nets.size, nets.teacher, nets.noise_scheduler, nets.schedule
-    condition, backbone, data, images = nets.condition, nets.backbone, nets.data, nets.images
-
-    # the teacher's own training step, the unit everything is measured in
-    opt = torch.optim.AdamW(teacher.parameters(), lr=1e-4)
-    x0 = images[:args.batch] * 2 - 1
-    hidden, mask = data.hidden[data.prompt_ids[:args.batch]], data.mask[data.prompt_ids[:args.batch]]
-
-    def teacher_step():
-        loss = denoising_loss(teacher, noise_scheduler, x0, hidden, mask, g, 5.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    teacher.eval().requires_grad_(False)
-    generator = build_generator(teacher, schedule, condition, backbone, t_gen=p.t_gen)
-    fake, lora = build_fake_score(teacher, lora_rank=p.lora_rank)
+    size, teacher, condition, data = nets.size, nets.teacher, nets.condition, nets.data
     timer = PassTimer()
-    timer.wrap("generator_unet", generator.unet)
-    timer.wrap("controlnet", generator.controlnet(condition.name))
-    timer.wrap("fake_score/consistency", fake)
-    players = unet_players(generator, teacher, fake, condition, data, backbone, g)
-    timer.wrap("teacher", teacher)
-    settings = JDMSettings(condition_weight=p.condition_weight, condition_t_max=p.condition_t_max, t_min=p.t_min,
-                           t_max=p.t_max, fake_steps=fake_steps, consistency_steps=p.consistency_steps)
-    trainer = JDMTrainer(players, schedule, settings,
-                         generator_optimizer=torch.optim.AdamW([q for q in generator.parameters() if q.requires_grad], lr=1e-5),
-                         fake_optimizer=torch.optim.AdamW(base_parameters(fake), lr=1e-5),
-                         lora_optimizer=torch.optim.AdamW(lora, lr=1e-5), lora_params=lora, batch_size=args.batch, rng=g)
+    steps = build_steps(nets, args.batch, fake_steps, g, timer)
+    generator, fake, lora, trainer = steps.generator, steps.fake, steps.lora, steps.trainer
 
-    teacher.train().requires_grad_(True)
-    teacher_step()  # warm-up
+    steps.teacher_step()  # warm-up
     start = time.perf_counter()
     for _ in range(args.repeats):
-        teacher_step()
+        steps.teacher_step()
     teacher_s = (time.perf_counter() - start) / args.repeats
-    teacher.eval().requires_grad_(False)
 
     trainer.step()  # warm-up
     timer.seconds.clear()
@@ -189,8 +214,8 @@ def main() -> None:
     jdm_s = (time.perf_counter() - start) / args.repeats
     forward = {k: v / args.repeats for k, v in timer.seconds.items()}
     calls = {k: v / args.repeats for k, v in timer.calls.items()}  # before the passes below add theirs
-    needed = needed_passes(generator, teacher, fake, lora, {condition.name: data.maps[:args.batch]}, hidden, mask,
-                           size, fake_steps, args.repeats, g)
+    needed = needed_passes(generator, teacher, fake, lora, {condition.name: data.maps[:args.batch]}, steps.hidden,
+                           steps.mask, size, fake_steps, args.repeats, g)
     needed_s = sum(needed.values())
     adamw = optimizer_step_seconds([q for q in generator.parameters() if q.requires_grad], args.repeats)
     result = {"profile": args.profile, "batch": args.batch, "resolution": size, "fake_steps": fake_steps,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,11 @@ class ProfileNets:
     backbone: Backbone
     data: ControlData
     images: torch.Tensor
+
+    def to(self, device) -> "ProfileNets":
+        """The teacher, data and images on `device` (an accelerator's); new generators copy the teacher."""
+        self.teacher.to(device)
+        return replace(self, data=self.data.to(device), images=self.images.to(device))
 
 
 def profile_nets(profile: str, condition: str = "canny", num: int = 256) -> ProfileNets:

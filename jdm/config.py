@@ -261,6 +261,15 @@ class CheckpointParams(Section):
     keep: PositiveInt = 2
 
 
+class AccelerationParams(Section):
+    """How every training stage runs (jdm/training/accel.py): accelerate's mixed precision (autocast,
+    trainable weights kept float32) and torch.compile's backend (null: eager). A DVC param of each
+    training stage, since both change the numbers it writes. On CPU bf16 helps only where the cores
+    have bf16 matrix units, and inductor costs minutes of compiling (README, Performance)."""
+    mixed_precision: Literal["no", "bf16"] = "no"
+    compile: Literal["inductor", "aot_eager", "eager"] | None = None
+
+
 class Params(Section):
     profile: Literal["smoke", "tiny", "sd15"]
     seed: int = 0
@@ -280,6 +289,7 @@ class Params(Section):
     guide: GuideParams = GuideParams()
     text_to_image: TextToImageParams = TextToImageParams()
     checkpoint: CheckpointParams = CheckpointParams()
+    acceleration: AccelerationParams = AccelerationParams()
 
     @model_validator(mode="after")
     def _t_gen_in_schedule(self):

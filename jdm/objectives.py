@@ -68,7 +68,7 @@ def consistency_loss(consistency_eps: EpsFn, target_eps: EpsFn, x: torch.Tensor,
 
     `target_eps` is the EMA of the consistency model (the measured-stable choice, method.md)."""
     x = x.detach()
-    t_hi, t_lo = ladder[k], ladder[k - 1]
+    t_hi, t_lo = ladder[k].to(x.device), ladder[k - 1].to(x.device)
     pred = consistency_fn(consistency_eps, schedule.noisy(x, eps, t_hi), t_hi, schedule)
     with torch.no_grad():
         x_lo = torch.where((t_lo < 0).view((-1,) + (1,) * (x.ndim - 1)), x, schedule.noisy(x, eps, t_lo.clamp(min=0)))

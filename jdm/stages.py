@@ -168,14 +168,14 @@ def run_teacher(params: Params) -> None:
     p = params.teacher
     # gloo across CPU processes when there is no GPU (torch elastic sets LOCAL_RANK for each process)
     state = PartialState(cpu=not torch.cuda.is_available())
-    checkpoint = _checkpoint(params, CHECKPOINTS / "teacher", _section(params, "teacher"))
+    checkpoint = _checkpoint(params, CHECKPOINTS / "teacher", _section(params, "teacher", "acceleration"))
     if not state.is_main_process:
         if not p.pretrained:
             prepared = jdata.PreparedData.load(PREPARED)
             train_teacher(p, prepared.split("train"), prepared.embeddings(), build_backbone(params), seed=params.seed,
-                          checkpoint=checkpoint)
+                          checkpoint=checkpoint, acceleration=params.acceleration)
         return
-    with stage_run("teacher", params.profile, _section(params, "teacher")) as mlflow:
+    with stage_run("teacher", params.profile, _section(params, "teacher", "acceleration")) as mlflow:
         with atomic_dir(TEACHER) as out:
             if p.pretrained:
                 write_json({"pretrained": p.pretrained}, out / "pretrained.json")
@@ -185,7 +185,7 @@ def run_teacher(params: Params) -> None:
                 start = time.perf_counter()
                 unet, noise_scheduler = train_teacher(p, prepared.split("train"), prepared.embeddings(),
                                                       build_backbone(params), seed=params.seed, log=_logger(mlflow),
-                                                      checkpoint=checkpoint)
+                                                      checkpoint=checkpoint, acceleration=params.acceleration)
                 metrics = {"train_seconds": time.perf_counter() - start,
                            "num_parameters": sum(q.numel() for q in unet.parameters()),
                            "num_processes": state.num_processes}
@@ -274,13 +274,15 @@ def evaluate_control(generator, condition, backbone, held_out, prompt_classes, c
     classes = torch.tensor(prompt_classes)[pid]
     g = torch.Generator().manual_seed(seed)
     size = maps.shape[-1] // backbone.factor
-    z = torch.randn((num, backbone.channels, size, size), generator=g)
+    device = next(generator.parameters()).device  # the accelerator's, when called during training
+    z = torch.randn((num, backbone.channels, size, size), generator=g).to(device)
+    maps_on, hidden, mask = maps.to(device), hidden.to(device), mask.to(device)
     was_training = generator.training
     generator.eval()
     samples = {}
-    for key, controls in (("controlled", {condition.name: maps}), ("uncontrolled", {})):
+    for key, controls in (("controlled", {condition.name: maps_on}), ("uncontrolled", {})):
         samples[key] = torch.cat([backbone.decode(generator(z[i:i + 64], hidden[pid[i:i + 64]], mask[pid[i:i + 64]],
-                                                           {k: v[i:i + 64] for k, v in controls.items()}))
+                                                           {k: v[i:i + 64] for k, v in controls.items()})).cpu()
                                   for i in range(0, num, 64)])
     metrics = {"num_eval_maps": num,
                "consistency": consistency(condition, samples["controlled"], maps),
@@ -295,7 +297,8 @@ def evaluate_control(generator, condition, backbone, held_out, prompt_classes, c
 
 def _phase_settings(params: Params, stage: str, condition: str, method: str) -> dict:
     """What a checkpoint must agree with to be resumed: this stage's params, the condition, the method."""
-    return {**_section(params, "jdm", stage, "teacher", "conditions"), "condition": condition, "method": method}
+    return {**_section(params, "jdm", stage, "teacher", "conditions", "acceleration"), "condition": condition,
+            "method": method}
 
 
 @dataclass(frozen=True)
@@ -366,7 +369,7 @@ def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") ->
     generator = build_generator(teacher_unet, schedule, condition, backbone, p.t_gen, unet=shared_unet,
                                 with_controlnet=v.with_controlnet)
     unet_before = {k: v.clone() for k, v in generator.unet.state_dict().items()} if shared_unet is not None else None
-    stage_params = {**_section(params, "jdm", phase), "jdm": p.model_dump(mode="json")}
+    stage_params = {**_section(params, "jdm", phase, "acceleration"), "jdm": p.model_dump(mode="json")}
     stage, metrics_file, ckpt_dir = _variant_paths(v, phase, name)
     evaluate = None
     if v.with_controlnet:
@@ -379,7 +382,7 @@ def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") ->
         resumed_from = train_phase(generator, teacher_unet, fake, lora, condition, data, backbone, schedule, p, steps,
                                    train_unet=shared_unet is None, seed=params.seed, log=_logger(mlflow),
                                    checkpoint=_checkpoint(params, ckpt_dir, _phase_settings(params, phase, name, method)),
-                                   evaluate=evaluate)
+                                   evaluate=evaluate, acceleration=params.acceleration)
         metrics = {"train_seconds": time.perf_counter() - start, "steps": steps, "resumed_from_step": resumed_from}
         if v.with_controlnet:
             scores, grid = evaluate_control(generator, condition, backbone, held_out, prepared.prompt_classes,
@@ -435,26 +438,27 @@ def run_controlnet_baseline(params: Params, name: str, method: str) -> None:
     backbone = build_backbone(params)
     if method == "controlnet-50":
         unet, noise_scheduler = load_teacher(TEACHER)
-        loss = teacher_loss(unet, noise_scheduler, params.teacher.snr_gamma)
+        loss, frozen = teacher_loss(unet, noise_scheduler, params.teacher.snr_gamma), unet
         c = params.controlnet
         settings = {"steps": c.steps, "batch_size": c.batch_size, "lr": c.lr, "prompt_dropout": c.prompt_dropout}
         section = "controlnet"
     else:
         generator = load_generator(VARIANTS["di"].root / "generator", primary=False)[0]
-        unet, loss = generator.unet, generator_regression_loss(generator)
+        unet, loss, frozen = generator.unet, generator_regression_loss(generator), generator
         b = params.baselines
         settings = {"steps": b.denoising_steps, "batch_size": b.denoising_batch_size, "lr": b.denoising_lr,
                     "prompt_dropout": 0.0}
         section = "baselines"
     controlnet = controlnet_from_unet(unet, condition.channels, backbone.factor)
     out_dir = CONTROLNET_BASELINES[method] / f"controlnet-{condition_slug(name)}"
-    with stage_run(method, params.profile, _section(params, section), condition=name,
+    with stage_run(method, params.profile, _section(params, section, "acceleration"), condition=name,
                    tags={"method": method}) as mlflow:
         start = time.perf_counter()
         checkpoint = _checkpoint(params, CHECKPOINTS / f"{method}-{condition_slug(name)}",
-                                 {**_section(params, section), "condition": name, "method": method})
+                                 {**_section(params, section, "acceleration"), "condition": name, "method": method})
         controlnet = train_controlnet(controlnet, loss, data, backbone, seed=params.seed, log=_logger(mlflow),
-                                      checkpoint=checkpoint, **settings)
+                                      checkpoint=checkpoint, frozen=[frozen], acceleration=params.acceleration,
+                                      **settings)
         metrics = {"train_seconds": time.perf_counter() - start, "steps": settings["steps"]}
         with atomic_dir(out_dir) as out:
             save_controlnet(controlnet, name, out)
@@ -725,8 +729,8 @@ def run_guide(params: Params) -> None:
     backbone = build_backbone(params)
     teacher_unet, teacher_scheduler = load_teacher(TEACHER)
     embeddings = TextEncoder(g.text_encoder).encode(prepared.prompts) if g.text_encoder else None
-    checkpoint = _checkpoint(params, CHECKPOINTS / "guide", _section(params, "teacher", "guide"))
-    with stage_run("guide", params.profile, _section(params, "teacher", "guide")) as mlflow:
+    checkpoint = _checkpoint(params, CHECKPOINTS / "guide", _section(params, "teacher", "guide", "acceleration"))
+    with stage_run("guide", params.profile, _section(params, "teacher", "guide", "acceleration")) as mlflow:
         start = time.perf_counter()
         with atomic_dir(GUIDE) as out:
             if g.pretrained:
@@ -738,7 +742,8 @@ def run_guide(params: Params) -> None:
             else:
                 unet, noise_scheduler = train_teacher(settings, prepared.split("train"), prepared.embeddings(),
                                                       backbone, seed=params.seed + 1, log=_logger(mlflow),
-                                                      checkpoint=checkpoint, init_unet=teacher_unet)
+                                                      checkpoint=checkpoint, init_unet=teacher_unet,
+                                                      acceleration=params.acceleration)
                 save_teacher(unet, noise_scheduler, out)
             if embeddings is not None:
                 save_tensors({"hidden_states": embeddings[0], "attention_mask": embeddings[1]},
@@ -801,20 +806,22 @@ def run_text_to_image(params: Params, variant: str) -> None:
     guide_embeddings = load_guide_embeddings() if variant == "decoupled-cfg" else None
     reward = load_reward(REWARDS / "train") if variant.startswith("hfl") else None
 
-    def make_players(rng):
+    def make_players(rng, data):
         return text_to_image_players(variant, generator, teacher_unet, fake, data, backbone, schedule, rng,
                                      guidance_scale=t.guidance_scale, guide_unet=guide_unet,
                                      guide_embeddings=guide_embeddings, reward=reward,
                                      prompt_dropout=p.prompt_dropout)
 
-    stage_params = {**_section(params, "jdm", "text_to_image"), "jdm": p.model_dump(mode="json"), "variant": variant}
+    stage_params = {**_section(params, "jdm", "text_to_image", "acceleration"), "jdm": p.model_dump(mode="json"),
+                    "variant": variant}
     ckpt_dir = CHECKPOINTS / f"text-to-image-{variant}"
     with stage_run("text-to-image", params.profile, stage_params, condition="text", tags={"method": variant}) as mlflow:
         start = time.perf_counter()
         resumed_from = train_phase(generator, teacher_unet, fake, lora, None, data, backbone, schedule, p, t.steps,
                                    train_unet=True, seed=params.seed, log=_logger(mlflow),
                                    checkpoint=_checkpoint(params, ckpt_dir, {**stage_params, "method": variant}),
-                                   make_players=make_players)
+                                   make_players=make_players, frozen=[m for m in (guide_unet, reward) if m is not None],
+                                   acceleration=params.acceleration)
         metrics = {"train_seconds": time.perf_counter() - start, "steps": t.steps, "resumed_from_step": resumed_from}
         with atomic_dir(TEXT_TO_IMAGE / variant / "generator") as out:
             save_generator(generator, noise_scheduler, out, {k: v for k, v in meta.items() if k != "t_gen"})

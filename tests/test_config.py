@@ -33,6 +33,8 @@ def test_committed_params_is_the_embedded_default():
     (lambda r: r["evaluation"].update(sampler="euler"), ["evaluation.sampler", "'ddim' or 'unipc'"]),
     (lambda r: r.update(bogus={}), ["bogus: unknown key", "teacher"]),
     (lambda r: r["guide"].update(text_encoder={"kind": "minilm"}), ["guide.text_encoder is for a pretrained guide"]),
+    (lambda r: r["acceleration"].update(mixed_precision="fp16"), ["acceleration.mixed_precision", "'no' or 'bf16'", "'fp16'"]),
+    (lambda r: r["acceleration"].update(compile="tensorrt"), ["acceleration.compile", "'inductor'", "'tensorrt'"]),
 ])
 def test_bad_params_name_the_key_and_what_is_allowed(edit, expected):
     r = raw()

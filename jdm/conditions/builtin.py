@@ -77,7 +77,8 @@ class _NetworkCondition(Condition):
     def _run(self, images: torch.Tensor) -> torch.Tensor:
         p = min(self.pad, images.shape[-1] - 1, images.shape[-2] - 1)
         x = F.pad(images, (p, p, p, p), mode="reflect")
-        return self.network(x)[..., p:p + images.shape[-2], p:p + images.shape[-1]]
+        # the network follows its input: the accelerator's device in training, the CPU when scoring
+        return self.network.to(images.device)(x)[..., p:p + images.shape[-2], p:p + images.shape[-1]]
 
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

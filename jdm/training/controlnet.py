@@ -15,15 +15,16 @@ accelerate, resumable, stopped with the step number when the loss or a gradient 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 
+from ..config import AccelerationParams
 from ..data import EMPTY_PROMPT_ID
 from ..models.backbone import Backbone
 from ..models.generator import OneStepGenerator, controlnet_residuals
+from .accel import compile_networks, make_accelerator
 from .checkpoint import CheckpointSpec, check_finite, check_trainable_fp32, run_steps
 from .phases import ControlData
 from .teacher import RunningLog, denoising_loss
@@ -35,16 +36,23 @@ BatchLoss = Callable[..., torch.Tensor]
 
 def train_controlnet(controlnet, loss_fn: BatchLoss, data: ControlData, backbone: Backbone, *, steps: int,
                      batch_size: int, lr: float, prompt_dropout: float, seed: int,
-                     log: Callable[[int, dict], None] | None = None, checkpoint: CheckpointSpec | None = None):
+                     log: Callable[[int, dict], None] | None = None, checkpoint: CheckpointSpec | None = None,
+                     frozen: Sequence[torch.nn.Module] = (), acceleration: AccelerationParams = AccelerationParams()):
     """Train `controlnet` alone for `steps` AdamW steps on `loss_fn`, resumable from `checkpoint`;
-    return it, in eval mode."""
+    return it, in eval mode, on the CPU. `frozen`: the networks `loss_fn` runs besides the ControlNet
+    (the teacher, or the generator), placed on the same device; `acceleration`: mixed precision and
+    torch.compile (jdm/training/accel.py)."""
     if data.images is None:
         raise ValueError("denoising a ControlNet needs the images the control maps came from (ControlData.images)")
-    accelerator = Accelerator()
+    accelerator = make_accelerator(acceleration)
+    device = accelerator.device
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + accelerator.process_index)
     controlnet.requires_grad_(True).train()
     check_trainable_fp32(controlnet.parameters(), "the ControlNet")
+    for net in frozen:
+        net.to(device)
+    compile_networks([controlnet, *frozen], acceleration)
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=lr, weight_decay=1e-2)
     controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
     logger = RunningLog(log if accelerator.is_main_process else None, steps)
@@ -52,11 +60,13 @@ def train_controlnet(controlnet, loss_fn: BatchLoss, data: ControlData, backbone
     def step_fn(step: int) -> None:
         idx = torch.randint(len(data.maps), (batch_size,), generator=g)
         with torch.no_grad():
-            x0 = backbone.encode(data.images[idx].float())
+            x0 = backbone.encode(data.images[idx].float().to(device))
         pid = data.prompt_ids[idx]
         if prompt_dropout:
             pid = torch.where(torch.rand(len(pid), generator=g) < prompt_dropout, EMPTY_PROMPT_ID, pid)
-        loss = loss_fn(controlnet, x0, data.maps[idx], data.hidden[pid], data.mask[pid], g)
+        with accelerator.autocast():  # the frozen networks too, not only the prepared ControlNet
+            loss = loss_fn(controlnet, x0, data.maps[idx].to(device), data.hidden[pid].to(device),
+                           data.mask[pid].to(device), g)
         accelerator.backward(loss)
         grad_norm = check_finite(loss, controlnet.parameters(), "ControlNet denoising")
         optimizer.step()
@@ -67,7 +77,9 @@ def train_controlnet(controlnet, loss_fn: BatchLoss, data: ControlData, backbone
     checkpoints = checkpoint.checkpointer(stateful, {"data": g}, accelerator) if checkpoint is not None else None
     run_steps(checkpoints, steps, step_fn, accelerator)
     accelerator.wait_for_everyone()
-    return accelerator.unwrap_model(controlnet).eval().requires_grad_(False)
+    for net in frozen:
+        net.cpu()
+    return accelerator.unwrap_model(controlnet).cpu().eval().requires_grad_(False)
 
 
 def teacher_loss(teacher_unet, noise_scheduler, snr_gamma: float | None) -> BatchLoss:
@@ -87,7 +99,7 @@ def generator_regression_loss(generator: OneStepGenerator) -> BatchLoss:
     generator.unet.requires_grad_(False)
 
     def loss(controlnet, x0, control, hidden, mask, g):
-        t = torch.full((len(x0),), generator.t_gen, dtype=torch.long)
+        t = torch.full((len(x0),), generator.t_gen, dtype=torch.long, device=x0.device)
         x_T = generator.schedule.noisy(x0, torch.randn(x0.shape, generator=g).to(x0), t)
         eps = generator.unet(x_T, t, encoder_hidden_states=hidden, encoder_attention_mask=mask,
                              **controlnet_residuals([(controlnet, control, 1.0)], x_T, t, hidden)).sample

@@ -72,8 +72,9 @@ class JDMTrainer:
         # divides by alpha_t ~ 0 and the consistency loss blows up, so the ladder stops where it is used
         self.ladder = consistency_ladder(settings.consistency_steps, T, self.cond_t_max or self.t_range[1])
 
-    def _t(self, n: int) -> torch.Tensor:
-        return torch.randint(self.t_range[0], self.t_range[1] + 1, (n,), generator=self.rng)
+    def _t(self, x: torch.Tensor) -> torch.Tensor:
+        """A timestep per sample of `x`, on its device (drawn on the CPU, as all the loop's randomness)."""
+        return torch.randint(self.t_range[0], self.t_range[1] + 1, (len(x),), generator=self.rng).to(x.device)
 
     def _eps(self, x: torch.Tensor) -> torch.Tensor:
         return torch.randn(x.shape, generator=self.rng).to(x)
@@ -101,7 +102,7 @@ class JDMTrainer:
 
     def generator_step(self) -> dict:
         x, ctx = self.p.sample(self.batch_size, True)
-        t = self._t(len(x))
+        t = self._t(x)
         condition = None
         if self.p.condition_grad is not None:
             condition = lambda x_t, t_: self.p.condition_grad(x_t, t_, ctx)  # noqa: E731
@@ -121,7 +122,7 @@ class JDMTrainer:
                 "condition_norm": terms.condition_norm, "grad_norm_generator": grad_norm}
 
     def fake_step(self, x: torch.Tensor, ctx) -> dict:
-        t = self._t(len(x))
+        t = self._t(x)
         loss_fake = fake_score_loss(lambda x_t, t_: self.p.fake_eps(x_t, t_, ctx), x, t, self._eps(x), self.schedule)
         self.fake_opt.zero_grad(set_to_none=True)
         loss_fake.backward()

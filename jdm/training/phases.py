@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from ..conditions import Condition
+from ..config import AccelerationParams
 from ..data import EMPTY_PROMPT_ID
 from ..models.backbone import Backbone
 from ..models.generator import OneStepGenerator, controlnet_from_unet
@@ -33,6 +34,11 @@ class ControlData:
     mask: torch.Tensor          # [P,L]
     images: torch.Tensor | None = None  # [M,C,H,W] the images the maps came from: only the denoising
                                         # baselines train on them; JDM needs none
+
+    def to(self, device) -> "ControlData":
+        """The tensors networks read, on `device`; prompt ids stay on the CPU, where batches are drawn."""
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return replace(self, maps=move(self.maps), hidden=move(self.hidden), mask=move(self.mask))
 
 
 def build_generator(teacher_unet, schedule: VPSchedule, condition: Condition, backbone: Backbone, t_gen: int,
@@ -63,7 +69,7 @@ def unet_players(generator: OneStepGenerator, teacher_unet, fake_score, conditio
             pid = torch.where(torch.rand(n, generator=rng) < prompt_dropout, EMPTY_PROMPT_ID, pid)
         ctx = {"prompt_ids": pid, "hidden": data.hidden[pid], "mask": data.mask[pid],
                "control": data.maps[idx] if data.maps is not None else None}
-        z = torch.randn((n, backbone.channels, size, size), generator=rng)
+        z = torch.randn((n, backbone.channels, size, size), generator=rng).to(data.hidden.device)
         with torch.set_grad_enabled(grad):
             return generator(z, ctx["hidden"], ctx["mask"], {name: ctx["control"]} if controlled else {}), ctx
 
@@ -103,7 +109,7 @@ def text_to_image_players(variant: str, generator: OneStepGenerator, teacher_une
     def prompt_and_null(unet, embeddings):
         """(eps(x_t, y), eps(x_t, null)) from one batched pass, as CFG samplers do; `embeddings` is the
         prompt table this model reads."""
-        table_hidden, table_mask = embeddings
+        table_hidden, table_mask = (e.to(data.hidden.device) for e in embeddings)
         null_hidden, null_mask = table_hidden[EMPTY_PROMPT_ID], table_mask[EMPTY_PROMPT_ID]
 
         def eps(x_t, t, ctx):
@@ -142,7 +148,8 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: lis
                 condition: Condition, data: ControlData, backbone: Backbone, schedule: VPSchedule, p, steps: int, *,
                 train_unet: bool, seed: int, checkpoint: CheckpointSpec | None, log,
                 evaluate: Callable[[], dict] | None = None,
-                make_players: Callable[[torch.Generator], Players] | None = None) -> int:
+                make_players: Callable[[torch.Generator, ControlData], Players] | None = None,
+                frozen: Sequence[torch.nn.Module] = (), acceleration: AccelerationParams = AccelerationParams()) -> int:
     """Run one warm-up phase for `steps` JDM iterations (p: the `jdm` params section); return the step
     it resumed from (0 = a fresh start).
 
@@ -150,14 +157,28 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: lis
     ControlNet (the UNet is frozen and never handed to an optimiser). Checkpoints as `checkpoint`
     says and resumes from there; at the end the generator holds its EMA weights when `p.ema_decay` > 0.
     `evaluate()` (held-out scores) is logged every `p.eval_every` steps, so a run's control can be
-    watched taking hold in MLflow. `make_players(rng)` replaces the condition's players (text-to-image variants).
+    watched taking hold in MLflow. `make_players(rng, data)` replaces the condition's players
+    (text-to-image variants), `frozen` the networks those players run besides teacher and fake score.
+
+    Every network and `data` train on accelerate's device in `acceleration`'s precision,
+    and are back on the CPU when it returns (jdm/training/accel.py); one process: the players hold
+    no gradient all-reduce.
     """
     from diffusers.training_utils import EMAModel
 
     from ..models.lora import base_parameters
+    from .accel import compile_networks, make_accelerator
     from .checkpoint import check_trainable_fp32, run_steps
     from .jdm import JDMSettings, JDMTrainer
 
+    accelerator = make_accelerator(acceleration)
+    if accelerator.num_processes > 1:
+        raise RuntimeError(f"the JDM phases run in one process, not {accelerator.num_processes}: start the stage "
+                           f"without `accelerate launch` (the teacher and ControlNet-50 stages take several)")
+    networks = [generator, teacher_unet, fake_score, backbone, *frozen]  # a condition's network follows its input
+    for net in networks:
+        net.to(accelerator.device)
+    data = data.to(accelerator.device)
     rng = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     generator.unet.requires_grad_(train_unet)
@@ -170,7 +191,7 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: lis
         players = unet_players(generator, teacher_unet, fake_score, condition, data, backbone, rng, p.prompt_dropout,
                                with_condition=p.condition_weight > 0)
     else:
-        players = make_players(rng)
+        players = make_players(rng, data)
     jdm_settings = JDMSettings(condition_weight=p.condition_weight, condition_t_max=p.condition_t_max,
                                condition_on_x=p.condition_on_x, t_min=p.t_min, t_max=p.t_max, fake_steps=p.fake_steps,
                                consistency_steps=p.consistency_steps, consistency_ema=p.consistency_ema)
@@ -187,9 +208,11 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: lis
     if ema is not None:
         stateful["generator_ema"] = ema
     checkpoints = checkpoint.checkpointer(stateful, {"data": rng}) if checkpoint is not None else None
+    compile_networks([generator.unet, *generator.controlnets.values(), teacher_unet, fake_score, *frozen], acceleration)
 
     def step_fn(step: int) -> None:
-        logs = trainer.step()
+        with accelerator.autocast():
+            logs = trainer.step()
         if ema is not None:
             ema.step(trained)
         if step % p.log_every == 0 or step == steps:
@@ -200,4 +223,6 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: lis
     start = run_steps(checkpoints, steps, step_fn)
     if ema is not None:
         ema.copy_to(trained)
+    for net in networks:
+        net.cpu()
     return start

@@ -11,14 +11,14 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 
-from ..config import TeacherParams
+from ..config import AccelerationParams, TeacherParams
 from ..data import EMPTY_PROMPT_ID, Split
 from ..models.backbone import Backbone
 from ..models.unet import build_noise_scheduler, build_unet
+from .accel import compile_networks, make_accelerator
 from .checkpoint import CheckpointSpec, check_finite, check_trainable_fp32, run_steps
 
 
@@ -38,15 +38,17 @@ def denoising_loss(unet, noise_scheduler, x0, hidden, mask, generator, snr_gamma
 
 def train_teacher(params: TeacherParams, train: Split, embeddings: tuple[torch.Tensor, torch.Tensor],
                   backbone: Backbone, *, seed: int, log: Callable[[int, dict], None] | None = None,
-                  checkpoint: CheckpointSpec | None = None, init_unet=None):
-    """Train the teacher UNet; return (EMA UNet, noise scheduler). Resumable from `checkpoint`.
+                  checkpoint: CheckpointSpec | None = None, init_unet=None,
+                  acceleration: AccelerationParams = AccelerationParams()):
+    """Train the teacher UNet; return (EMA UNet on the CPU, noise scheduler). Resumable from `checkpoint`.
     `init_unet`: start from a copy of these weights instead of a fresh UNet (decoupled CFG's guidance
     model is the teacher trained further).
 
     Under `accelerate launch` (several processes, gloo on CPU or NCCL on GPUs) each process draws its
     own batches (seed + process index) and accelerate averages the gradients: the effective batch is
-    `batch_size x num_processes`. Only the main process logs."""
-    accelerator = Accelerator()
+    `batch_size x num_processes`. Only the main process logs. `acceleration`: mixed precision and
+    torch.compile (jdm/training/accel.py)."""
+    accelerator = make_accelerator(acceleration)
     torch.manual_seed(seed)  # the same initial weights in every process
     g = torch.Generator().manual_seed(seed + accelerator.process_index)
     hidden_table, mask_table = embeddings
@@ -60,6 +62,7 @@ def train_teacher(params: TeacherParams, train: Split, embeddings: tuple[torch.T
     optimizer = torch.optim.AdamW(unet.parameters(), lr=params.lr, weight_decay=1e-2)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, params.warmup_steps, params.steps)
     check_trainable_fp32(unet.parameters(), "the teacher UNet")
+    compile_networks([unet], acceleration)
     unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
     ema.to(accelerator.device)
     unet.train()
@@ -87,7 +90,7 @@ def train_teacher(params: TeacherParams, train: Split, embeddings: tuple[torch.T
     accelerator.wait_for_everyone()
     unet = accelerator.unwrap_model(unet)
     ema.copy_to(unet.parameters())
-    return unet.eval().requires_grad_(False), noise_scheduler
+    return unet.cpu().eval().requires_grad_(False), noise_scheduler
 
 
 class RunningLog:
