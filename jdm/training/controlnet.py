@@ -59,8 +59,8 @@ def train_controlnet(controlnet, loss_fn: BatchLoss, data: ControlData, backbone
 
     def step_fn(step: int) -> None:
         idx = torch.randint(len(data.maps), (batch_size,), generator=g)
-        with torch.no_grad():
-            x0 = backbone.encode(data.images[idx].float().to(device))
+        with torch.no_grad():  # the autoencoder stays on the CPU, as in the teacher's loop
+            x0 = backbone.encode(data.images[idx].float()).to(device)
         pid = data.prompt_ids[idx]
         if prompt_dropout:
             pid = torch.where(torch.rand(len(pid), generator=g) < prompt_dropout, EMPTY_PROMPT_ID, pid)
