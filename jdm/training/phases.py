@@ -166,7 +166,7 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: lis
     """
     from diffusers.training_utils import EMAModel
 
-    from ..models.lora import base_parameters
+    from ..models.lora import base_parameters, lora_parameters
     from .accel import compile_networks, make_accelerator
     from .checkpoint import check_trainable_fp32, run_steps
     from .jdm import JDMSettings, JDMTrainer
@@ -178,6 +178,9 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: lis
     networks = [generator, teacher_unet, fake_score, backbone, *frozen]  # a condition's network follows its input
     for net in networks:
         net.to(accelerator.device)
+    # moving keeps Parameter objects where the devices' tensors can share `.data` (CPU, CUDA), not on
+    # every device: take the LoRA's from the placed model, in the same order
+    lora = lora_parameters(fake_score)
     data = data.to(accelerator.device)
     rng = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
