@@ -360,12 +360,12 @@ def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") ->
     backbone = build_backbone(params)
     if phase == "warmup":
         steps, shared_unet = params.warmup.steps, None
-        fake, lora = build_fake_score(teacher_unet, p.lora_rank)
+        fake, _ = build_fake_score(teacher_unet, p.lora_rank)
     else:
         steps = params.extend.steps
         shared_unet = load_generator(v.source / "generator", primary=False)[0].unet
         # the warm-up's fake score already models this generator's distribution: start from it
-        fake, lora = load_fake_score(v.source / "fake_score", p.lora_rank)
+        fake, _ = load_fake_score(v.source / "fake_score", p.lora_rank)
     generator = build_generator(teacher_unet, schedule, condition, backbone, p.t_gen, unet=shared_unet,
                                 with_controlnet=v.with_controlnet)
     unet_before = {k: v.clone() for k, v in generator.unet.state_dict().items()} if shared_unet is not None else None
@@ -379,7 +379,7 @@ def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") ->
                 params.seed)[0].items() if k != "num_eval_maps"}
     with stage_run(stage, params.profile, stage_params, condition=name, tags={"method": method}) as mlflow:
         start = time.perf_counter()
-        resumed_from = train_phase(generator, teacher_unet, fake, lora, condition, data, backbone, schedule, p, steps,
+        resumed_from = train_phase(generator, teacher_unet, fake, condition, data, backbone, schedule, p, steps,
                                    train_unet=shared_unet is None, seed=params.seed, log=_logger(mlflow),
                                    checkpoint=_checkpoint(params, ckpt_dir, _phase_settings(params, phase, name, method)),
                                    evaluate=evaluate, acceleration=params.acceleration)
@@ -801,7 +801,7 @@ def run_text_to_image(params: Params, variant: str) -> None:
     backbone = build_backbone(params)
     source = VARIANTS["di"].root
     generator, _, meta = load_generator(source / "generator", primary=False)
-    fake, lora = load_fake_score(source / "fake_score", p.lora_rank)
+    fake, _ = load_fake_score(source / "fake_score", p.lora_rank)
     guide_unet = load_teacher(GUIDE)[0] if variant == "decoupled-cfg" else None
     guide_embeddings = load_guide_embeddings() if variant == "decoupled-cfg" else None
     reward = load_reward(REWARDS / "train") if variant.startswith("hfl") else None
@@ -817,7 +817,7 @@ def run_text_to_image(params: Params, variant: str) -> None:
     ckpt_dir = CHECKPOINTS / f"text-to-image-{variant}"
     with stage_run("text-to-image", params.profile, stage_params, condition="text", tags={"method": variant}) as mlflow:
         start = time.perf_counter()
-        resumed_from = train_phase(generator, teacher_unet, fake, lora, None, data, backbone, schedule, p, t.steps,
+        resumed_from = train_phase(generator, teacher_unet, fake, None, data, backbone, schedule, p, t.steps,
                                    train_unet=True, seed=params.seed, log=_logger(mlflow),
                                    checkpoint=_checkpoint(params, ckpt_dir, {**stage_params, "method": variant}),
                                    make_players=make_players, frozen=[m for m in (guide_unet, reward) if m is not None],

@@ -44,9 +44,9 @@ def jdm_phase(smoke_params, acceleration: AccelerationParams, steps: int = 2):
     data = ControlData(condition.extract(torch.rand(32, 1, 16, 16, generator=g)), torch.randint(1, 5, (32,), generator=g),
                        torch.randn(5, 4, 32, generator=g), torch.ones(5, 4, dtype=torch.long))
     generator = build_generator(teacher, schedule, condition, backbone, t_gen=900)
-    fake, lora = build_fake_score(teacher, lora_rank=4)
+    fake, _ = build_fake_score(teacher, lora_rank=4)
     teacher_dtypes, logs = OutputDtypes(teacher), []
-    train_phase(generator, teacher, fake, lora, condition, data, backbone, schedule, smoke_params.jdm, steps,
+    train_phase(generator, teacher, fake, condition, data, backbone, schedule, smoke_params.jdm, steps,
                 train_unet=True, seed=0, checkpoint=None, log=lambda step, values: logs.append(values),
                 acceleration=acceleration)
     return generator, fake, teacher_dtypes.seen, logs

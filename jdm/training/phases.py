@@ -144,8 +144,7 @@ def _adam(groups, p) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=tuple(p.adam_betas), weight_decay=0.0)
 
 
-def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: list[torch.nn.Parameter],
-                condition: Condition, data: ControlData, backbone: Backbone, schedule: VPSchedule, p, steps: int, *,
+def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, condition: Condition, data: ControlData, backbone: Backbone, schedule: VPSchedule, p, steps: int, *,
                 train_unet: bool, seed: int, checkpoint: CheckpointSpec | None, log,
                 evaluate: Callable[[], dict] | None = None,
                 make_players: Callable[[torch.Generator, ControlData], Players] | None = None,
@@ -178,8 +177,8 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, lora: lis
     networks = [generator, teacher_unet, fake_score, backbone, *frozen]  # a condition's network follows its input
     for net in networks:
         net.to(accelerator.device)
-    # moving keeps Parameter objects where the devices' tensors can share `.data` (CPU, CUDA), not on
-    # every device: take the LoRA's from the placed model, in the same order
+    # the consistency LoRA's parameters from the placed model: moving keeps Parameter objects only
+    # where the devices' tensors can share `.data` (CPU, CUDA; not the meta device)
     lora = lora_parameters(fake_score)
     data = data.to(accelerator.device)
     rng = torch.Generator().manual_seed(seed)
