@@ -78,7 +78,7 @@ def cmd_stage(args) -> None:
         elif args.method == "denoising":
             stages.run_controlnet_baseline(params, name, "denoising")
         else:
-            stages.run_jdm_phase(params, name, "warmup" if args.method == "di" else "extend", args.method)
+            stages.run_jdm_phase(params, name, stages.variant_phase(params, args.method, name), args.method)
 
 
 def _read_control(path: str) -> "torch.Tensor":
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_stage)
     p = sub.add_parser("baseline", help="train a baseline or ablation of the paper table (paper/dvc.yaml calls this)")
     p.add_argument("method", choices=BASELINES)
-    p.add_argument("name", nargs="?", help="the condition (not for `di`, which trains on warmup.condition's prompts)")
+    p.add_argument("name", nargs="?", help="the condition (default warmup.condition: di's and wo-modelling's own warm-up)")
     p.set_defaults(func=cmd_stage)
     p = sub.add_parser("evaluate", help="score methods on one condition for the comparison table")
     p.add_argument("name", help="the condition")

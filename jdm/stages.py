@@ -52,6 +52,20 @@ def _logger(mlflow):
     return log
 
 
+def _recording(log, curve: list):
+    """`log` that also keeps each validation record (the `eval_*` values) in `curve`, for a DVC plot."""
+    def record(step: int, values: dict) -> None:
+        log(step, values)
+        if any(k.startswith("eval_") for k in values):
+            curve.append({"step": step, **values})
+    return record
+
+
+def _curve_path(metrics_file: Path) -> Path:
+    """metrics/<x>.json -> metrics/curves/<x>.json (baselines: metrics/curves/baselines/<x>.json)."""
+    return METRICS / "curves" / metrics_file.relative_to(METRICS)
+
+
 def run_data(params: Params) -> None:
     """Fashion-MNIST at the profile's size, prompts, prompt embeddings, a fixed held-out split."""
     from .text import TextEncoder
@@ -196,9 +210,10 @@ def run_teacher(params: Params) -> None:
 
 
 def run_evaluate_teacher(params: Params) -> None:
-    """Teacher samples (multi-step, CFG): prompt accuracy and FID against the test split."""
+    """Teacher samples (multi-step, CFG): prompt accuracy, FID and KID against the test split, with intervals."""
     from .annotators.classifier import load_classifier
-    from .metrics import FID, ClassifierFeatures, InceptionFeatures, prompt_accuracy
+    from .evaluation import score_samples
+    from .metrics import prompt_hits
     from .models.teacher import build_backbone, load_teacher
     from .sampling import sample_cfg
 
@@ -224,21 +239,12 @@ def run_evaluate_teacher(params: Params) -> None:
             samples.append(backbone.decode(x))
         samples = torch.cat(samples)
         sample_seconds = time.perf_counter() - start
-        test = prepared.split("test")
-        reference = test.pixels(slice(0, e.fid_reference))
-        metrics = {"prompt_accuracy": prompt_accuracy(classifier, samples, classes),
-                   "num_samples": e.num_samples, "num_reference": len(reference),
-                   "nfe": e.num_inference_steps * (2 if e.guidance_scale != 1.0 else 1),
-                   "sample_seconds": sample_seconds}
-        fid = FID(ClassifierFeatures(classifier))
-        fid.set_reference(reference)
-        metrics["fid_classifier"] = fid(samples)
-        if e.inception_fid:
-            start = time.perf_counter()
-            fid = FID(InceptionFeatures())
-            fid.set_reference(reference)
-            metrics["fid_inception"] = fid(samples)
-            metrics["fid_inception_seconds"] = time.perf_counter() - start
+        start = time.perf_counter()
+        spaces = _spaces_of(params, classifier, prepared.split("test").pixels(slice(0, e.fid_reference)))
+        metrics = {"nfe": e.num_inference_steps * (2 if e.guidance_scale != 1.0 else 1), "sample_seconds": sample_seconds,
+                   **score_samples(samples, spaces, {"prompt_accuracy": prompt_hits(classifier, samples, classes).float()},
+                                   resamples=e.bootstrap_resamples, seed=params.seed)}
+        metrics["score_seconds"] = time.perf_counter() - start
         mlflow.log_metrics(metrics)
         order = torch.argsort(classes[:80], stable=True)
         mlflow.log_image(image_grid(samples[:80][order], nrow=8), "teacher_samples.png")
@@ -248,28 +254,31 @@ def run_evaluate_teacher(params: Params) -> None:
 
 def _control_data(prepared, name: str, with_images: bool = False):
     """Training and held-out control maps, each with the prompt of the image it came from (read once);
-    `with_images` adds the training images themselves (the denoising baselines train on them)."""
+    `with_images` adds the training images themselves (the denoising baselines train on them). The
+    held-out maps always carry their images: the validation curves' FID is taken against them."""
     from .training.phases import ControlData
 
     maps = load_condition_maps(name)
     hidden, mask = prepared.embeddings()
-    train = prepared.split("train")
-    n = len(maps["train"])
+    train, held_out = prepared.split("train"), prepared.split("eval")
+    n, n_eval = len(maps["train"]), len(maps["eval"])
     images = train.pixels(slice(0, n)) if with_images else None
-    eval_pids = prepared.split("eval").prompt_ids[:len(maps["eval"])]
     return (ControlData(maps["train"], train.prompt_ids[:n], hidden, mask, images),
-            ControlData(maps["eval"], eval_pids, hidden, mask))
+            ControlData(maps["eval"], held_out.prompt_ids[:n_eval], hidden, mask, held_out.pixels(slice(0, n_eval))))
 
 
 @torch.no_grad()
-def evaluate_control(generator, condition, backbone, held_out, prompt_classes, classifier, num: int, seed: int):
-    """One-step samples for `num` held-out control maps (`held_out`: a ControlData): consistency with the
-    ControlNet and with it removed, prompt accuracy, and a grid (map | with | without)."""
+def validate(generator, condition, backbone, held_out, prompt_classes, classifier, num: int, seed: int):
+    """One-step samples for the *last* `num` held-out maps (the validation maps; the table reads the
+    first `evaluation.control_samples`, config.py keeps them apart): prompt accuracy, FID and KID in
+    the classifier's features against the maps' own images, and, when the generator has the
+    condition's ControlNet, consistency with it and with it removed. Returns (metrics, grid of
+    map | controlled | uncontrolled, or the uncontrolled samples alone)."""
     from .annotators.classifier import predict
-    from .metrics import consistency
+    from .metrics import ClassifierFeatures, consistency, features, fid, kid
 
     num = min(num, len(held_out.maps))
-    maps, pid = held_out.maps[:num], held_out.prompt_ids[:num]
+    maps, pid, real = held_out.maps[-num:], held_out.prompt_ids[-num:], held_out.images[-num:]
     hidden, mask = held_out.hidden, held_out.mask
     classes = torch.tensor(prompt_classes)[pid]
     g = torch.Generator().manual_seed(seed)
@@ -277,22 +286,31 @@ def evaluate_control(generator, condition, backbone, held_out, prompt_classes, c
     device = next(generator.parameters()).device  # the accelerator's, when called during training
     z = torch.randn((num, backbone.channels, size, size), generator=g).to(device)
     maps_on, hidden, mask = maps.to(device), hidden.to(device), mask.to(device)
+    controlled = condition is not None and condition.name in generator.names
     was_training = generator.training
     generator.eval()
     samples = {}
-    for key, controls in (("controlled", {condition.name: maps_on}), ("uncontrolled", {})):
+    for key, controls in (("controlled", {condition.name: maps_on} if controlled else None), ("uncontrolled", {})):
+        if controls is None:
+            continue
         samples[key] = torch.cat([backbone.decode(generator(z[i:i + 64], hidden[pid[i:i + 64]], mask[pid[i:i + 64]],
                                                            {k: v[i:i + 64] for k, v in controls.items()})).cpu()
                                   for i in range(0, num, 64)])
-    metrics = {"num_eval_maps": num,
-               "consistency": consistency(condition, samples["controlled"], maps),
-               "consistency_without_controlnet": consistency(condition, samples["uncontrolled"], maps),
-               "prompt_accuracy": (predict(classifier, samples["controlled"]) == classes).float().mean().item()}
     generator.train(was_training)
+    shown = samples.get("controlled", samples["uncontrolled"])
+    net = ClassifierFeatures(classifier)
+    shown_features, real_features = features(net, shown), features(net, real)
+    metrics = {"num_eval_maps": num,
+               "prompt_accuracy": (predict(classifier, shown) == classes).float().mean().item(),
+               "fid_classifier": fid(shown_features, real_features),
+               "kid_classifier": kid(shown_features, real_features)}
+    if controlled:
+        metrics["consistency"] = consistency(condition, samples["controlled"], maps)
+        metrics["consistency_without_controlnet"] = consistency(condition, samples["uncontrolled"], maps)
     k = min(num, 8)
     show = lambda x: x[:k].expand(-1, 3, -1, -1) if x.shape[1] != 3 else x[:k]  # noqa: E731
-    grid = image_grid(torch.cat([show(maps), show(samples["controlled"]), show(samples["uncontrolled"])]), nrow=k)
-    return metrics, grid
+    rows = [maps, samples["controlled"], samples["uncontrolled"]] if controlled else [samples["uncontrolled"]]
+    return metrics, image_grid(torch.cat([show(x) for x in rows]), nrow=k)
 
 
 def _phase_settings(params: Params, stage: str, condition: str, method: str) -> dict:
@@ -305,26 +323,39 @@ def _phase_settings(params: Params, stage: str, condition: str, method: str) -> 
 class Variant:
     """A model trained by the warm-up phases' machinery: JDM itself, or a baseline that changes one thing.
     Phase 1 writes <root>/generator and <root>/fake_score; phase 2 writes <root>/controlnet-<c>,
-    starting from the frozen generator and fake score in <source>."""
+    starting from the frozen generator and fake score in <source>. A variant with `own_warmup` runs its
+    own phase 1, whose ControlNet is its row for the warm-up's condition, as JDM's is."""
 
     method: str
     root: Path
     source: Path = JDM_MODELS
     overrides: tuple = ()           # jdm params changed, (key, value) pairs
     with_controlnet: bool = True
+    own_warmup: bool = False
 
 
 VARIANTS = {
-    "jdm": Variant("jdm", JDM_MODELS),
+    "jdm": Variant("jdm", JDM_MODELS, own_warmup=True),
     # Diff-Instruct: the one-step student of plain score distillation (no condition term, no ControlNet)
-    "di": Variant("di", BASELINES / "di", overrides=(("condition_weight", 0.0),), with_controlnet=False),
+    "di": Variant("di", BASELINES / "di", overrides=(("condition_weight", 0.0),), with_controlnet=False,
+                  own_warmup=True),
     # Eq. 12: a ControlNet trained by the plain VSD/DI loss on the DI generator: nothing asks it to obey c
     "implicit": Variant("implicit", BASELINES / "implicit", source=BASELINES / "di", overrides=(("condition_weight", 0.0),)),
     # ablation: the extension phase on the DI generator instead of the jointly warmed-up one
     "wo-warmup": Variant("wo-warmup", BASELINES / "wo-warmup", source=BASELINES / "di"),
-    # ablation: the condition gradient from log p(c | x) on the generator output, not via f(x_t, t)
-    "wo-modelling": Variant("wo-modelling", BASELINES / "wo-modelling", overrides=(("condition_on_x", True),)),
+    # ablation: the condition gradient from log p(c | x) on the generator output, not via f(x_t, t), in
+    # both phases: its own warm-up too, so no row of it inherits a generator trained with the modelling
+    "wo-modelling": Variant("wo-modelling", BASELINES / "wo-modelling", source=BASELINES / "wo-modelling",
+                            overrides=(("condition_on_x", True),), own_warmup=True),
 }
+
+
+def variant_phase(params: Params, method: str, name: str) -> str:
+    """`warmup` for a variant's own phase 1 (DI's, whatever the condition; the others' on the warm-up's
+    condition), else `extend`."""
+    v = VARIANTS[method]
+    own_phase1 = v.own_warmup and (not v.with_controlnet or name == params.warmup.condition)
+    return "warmup" if own_phase1 else "extend"
 
 
 def _variant_paths(v: Variant, phase: str, name: str) -> tuple[str, Path, Path]:
@@ -362,7 +393,9 @@ def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") ->
         steps, shared_unet = params.warmup.steps, None
         fake, _ = build_fake_score(teacher_unet, p.lora_rank)
     else:
-        steps = params.extend.steps
+        # a ControlNet for the warm-up's own condition (Eq. 12 and w/o warm-up on canny) trains as long as
+        # JDM's phase 1 trained its: the rows compared differ in the method, not in the budget
+        steps = params.warmup.steps if name == params.warmup.condition else params.extend.steps
         shared_unet = load_generator(v.source / "generator", primary=False)[0].unet
         # the warm-up's fake score already models this generator's distribution: start from it
         fake, _ = load_fake_score(v.source / "fake_score", p.lora_rank)
@@ -371,24 +404,26 @@ def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") ->
     unet_before = {k: v.clone() for k, v in generator.unet.state_dict().items()} if shared_unet is not None else None
     stage_params = {**_section(params, "jdm", phase, "acceleration"), "jdm": p.model_dump(mode="json")}
     stage, metrics_file, ckpt_dir = _variant_paths(v, phase, name)
-    evaluate = None
-    if v.with_controlnet:
-        def evaluate():
-            return {f"eval_{k}": val for k, val in evaluate_control(
-                generator, condition, backbone, held_out, prepared.prompt_classes, classifier, 64,
-                params.seed)[0].items() if k != "num_eval_maps"}
+    curve = []  # the validation scores against the step: MLflow's metric history and a DVC plot
+
+    def evaluate():
+        scores = validate(generator, condition, backbone, held_out, prepared.prompt_classes, classifier,
+                          p.eval_samples, params.seed)[0]
+        return {f"eval_{k}": val for k, val in scores.items() if k != "num_eval_maps"}
+
     with stage_run(stage, params.profile, stage_params, condition=name, tags={"method": method}) as mlflow:
+        log_step = _recording(_logger(mlflow), curve)
         start = time.perf_counter()
         resumed_from = train_phase(generator, teacher_unet, fake, condition, data, backbone, schedule, p, steps,
-                                   train_unet=shared_unet is None, seed=params.seed, log=_logger(mlflow),
+                                   train_unet=shared_unet is None, seed=params.seed, log=log_step,
                                    checkpoint=_checkpoint(params, ckpt_dir, _phase_settings(params, phase, name, method)),
                                    evaluate=evaluate, acceleration=params.acceleration)
         metrics = {"train_seconds": time.perf_counter() - start, "steps": steps, "resumed_from_step": resumed_from}
-        if v.with_controlnet:
-            scores, grid = evaluate_control(generator, condition, backbone, held_out, prepared.prompt_classes,
-                                            classifier, p.eval_samples, params.seed)
-            metrics.update(scores)
-            mlflow.log_image(grid, f"{condition_slug(name)}_map_controlled_uncontrolled.png")
+        scores, grid = validate(generator, condition, backbone, held_out, prepared.prompt_classes, classifier,
+                                p.eval_samples, params.seed)
+        metrics.update(scores)
+        mlflow.log_image(grid, f"{condition_slug(name)}_validation.png")
+        write_json(curve, _curve_path(metrics_file))
         if unet_before is not None:
             # phase 2 must not touch the shared generator: checked on every run, not assumed
             same = all(torch.equal(unet_before[k], val) for k, val in generator.unet.state_dict().items())
@@ -481,7 +516,7 @@ METHODS = {
     "denoising": (VARIANTS["di"].root, CONTROLNET_BASELINES["denoising"]),
     "implicit": (VARIANTS["di"].root, VARIANTS["implicit"].root),
     "wo-warmup": (VARIANTS["di"].root, VARIANTS["wo-warmup"].root),
-    "wo-modelling": (JDM_MODELS, VARIANTS["wo-modelling"].root),
+    "wo-modelling": (VARIANTS["wo-modelling"].root, VARIANTS["wo-modelling"].root),
 }
 SAMPLES = Path("reports/samples")
 SAMPLES_SHOWN = 8
@@ -498,13 +533,38 @@ def _held_out(params: Params, prepared, name: str | None = None):
     return hidden[pid], mask[pid], torch.tensor(prepared.prompt_classes)[pid], maps, (hidden[:1], mask[:1])
 
 
-def _fids(params: Params, classifier) -> dict:
-    from .metrics import FID, ClassifierFeatures, InceptionFeatures
+def _feature_nets(params: Params, classifier) -> dict:
+    """The feature spaces FID and KID are computed in: the classifier's, and Inception's when on."""
+    from .metrics import ClassifierFeatures, InceptionFeatures
 
-    fids = {"classifier": FID(ClassifierFeatures(classifier))}
+    nets = {"classifier": ClassifierFeatures(classifier)}
     if params.evaluation.inception_fid:
-        fids["inception"] = FID(InceptionFeatures())
-    return fids
+        nets["inception"] = InceptionFeatures()
+    return nets
+
+
+def _spaces_of(params: Params, classifier, reference: torch.Tensor) -> dict:
+    """Each feature space with the features of `reference` (images in [0,1])."""
+    from .evaluation import FeatureSpace
+    from .metrics import features
+
+    return {name: FeatureSpace(net, features(net, reference)) for name, net in _feature_nets(params, classifier).items()}
+
+
+def _saved_spaces(params: Params, classifier) -> dict:
+    """Each feature space with the table's reference features, as the reference stage saved them."""
+    from .errors import UserError
+    from .evaluation import FeatureSpace
+    from .io import load_tensors
+
+    path = REFERENCE / "features.safetensors"
+    saved = load_tensors(path)
+    nets = _feature_nets(params, classifier)
+    missing = [name for name in nets if name not in saved]
+    if missing:
+        raise UserError(f"{path} has no {', '.join(missing)} features (it has {', '.join(saved) or 'none'}): "
+                        "run `jdm reference` again (DVC: the reference stage)")
+    return {name: FeatureSpace(net, saved[name].numpy()) for name, net in nets.items()}
 
 
 def _teacher_sampler(params: Params, backbone, null, controlnet=None):
@@ -520,7 +580,7 @@ def _teacher_sampler(params: Params, backbone, null, controlnet=None):
 
 def run_reference(params: Params) -> None:
     """The FID reference of the table: the teacher's samples *without* control for the prompts of the
-    held-out maps, and their feature statistics, computed once for every method and condition."""
+    held-out maps, and their features in each space, computed once for every method and condition."""
     from .annotators.classifier import load_classifier
     from .evaluation import reference_samples
     from .models.teacher import build_backbone
@@ -529,18 +589,16 @@ def run_reference(params: Params) -> None:
     prepared = jdata.PreparedData.load(PREPARED)
     hidden, mask, _, _, null = _held_out(params, prepared)
     backbone = build_backbone(params)
-    fids = _fids(params, load_classifier(ANNOTATORS / "classifier"))
+    classifier = load_classifier(ANNOTATORS / "classifier")
     with stage_run("reference", params.profile, _section(params, "evaluation")) as mlflow:
         start = time.perf_counter()
         samples = reference_samples(_teacher_sampler(params, backbone, null), hidden, mask,
                                     batch_size=params.evaluation.batch_size, seed=params.seed)
         sample_seconds = time.perf_counter() - start
-        state = {}
-        for feature, fid in fids.items():
-            fid.set_reference(samples)
-            state.update({f"{feature}.{k}": v for k, v in fid.reference_state().items()})
+        spaces = _spaces_of(params, classifier, samples)
         with atomic_dir(REFERENCE) as out:
-            save_tensors(state, out / "fid.safetensors")
+            save_tensors({name: torch.from_numpy(space.reference) for name, space in spaces.items()},
+                         out / "features.safetensors")
             save_tensors({"samples": (samples * 255).round().to(torch.uint8)}, out / "samples.safetensors")
         metrics = {"num_samples": len(samples), "sample_seconds": sample_seconds,
                    "feature_seconds": time.perf_counter() - start - sample_seconds}
@@ -558,8 +616,8 @@ def _method_sampler(params: Params, method: str, name: str, backbone, null):
     if generator_root is None:
         return _teacher_sampler(params, backbone, null, controlnet=load_controlnet(path)[1])
     generator, _, _ = load_generator(generator_root / "generator", primary=True)
-    # the method's own ControlNet, unless it is the generator's primary one (JDM's warm-up condition):
-    # w/o modelling trains a canny ControlNet of its own on JDM's generator, whose primary is canny
+    # the method's own ControlNet, unless it is the generator's primary one (the warm-up condition's row of
+    # JDM and w/o modelling); on the DI generator, which has none, every row loads its own
     if controlnet_root != generator_root or name not in generator.names:
         generator, _, _ = load_generator(generator_root / "generator", {name: path}, primary=False)
     return one_step_sampler(generator, name, backbone, params.data.image_size // backbone.factor)
@@ -574,7 +632,6 @@ def run_evaluate(params: Params, methods: list[str], name: str) -> None:
     from .conditions import load_condition
     from .errors import UserError
     from .evaluation import generate, latency_ms, score
-    from .io import load_tensors
     from .models.teacher import build_backbone
 
     unknown = [m for m in methods if m not in METHODS]
@@ -586,10 +643,7 @@ def run_evaluate(params: Params, methods: list[str], name: str) -> None:
     hidden, mask, classes, maps, null = _held_out(params, prepared, name)
     backbone = build_backbone(params)
     classifier = load_classifier(ANNOTATORS / "classifier")
-    fids = _fids(params, classifier)
-    reference = load_tensors(REFERENCE / "fid.safetensors")
-    for feature, fid in fids.items():
-        fid.load_reference_state({k.split(".", 1)[1]: v for k, v in reference.items() if k.startswith(feature + ".")})
+    spaces = _saved_spaces(params, classifier)
     slug = condition_slug(name)
     for method in methods:
         sampler = _method_sampler(params, method, name, backbone, null)
@@ -600,7 +654,8 @@ def run_evaluate(params: Params, methods: list[str], name: str) -> None:
             sample_seconds = time.perf_counter() - start
             metrics = {"nfe": sampler.nfe, "sample_seconds": sample_seconds,
                        "latency_ms": latency_ms(sampler, hidden, mask, maps, params.evaluation.latency_repeats),
-                       **score(samples, maps, classes, condition, classifier, fids)}
+                       **score(samples, maps, classes, condition, classifier, spaces,
+                               resamples=params.evaluation.bootstrap_resamples, seed=params.seed)}
             mlflow.log_metrics(metrics)
             grid = image_grid(samples[:SAMPLES_SHOWN], nrow=SAMPLES_SHOWN)  # make_grid turns gray into RGB
             mlflow.log_image(grid, f"{method}_{slug}_samples.png")
@@ -835,14 +890,14 @@ def run_text_to_image(params: Params, variant: str) -> None:
 def run_evaluate_text_to_image(params: Params, methods: list[str]) -> None:
     """Table 3's rows: each method's samples for the same held-out prompts (`evaluation.num_samples`, the
     classes in turn), scored by the held-out reward (never trained against: the HPS stand-in), the
-    training reward, prompt accuracy (the CLIP-score stand-in), FID against the test split, NFE and
-    latency; one MLflow run per row (stage `evaluate`, condition `text`), then reports/text-to-image."""
+    training reward, prompt accuracy (the CLIP-score stand-in), FID and KID against the test split (with
+    prompt accuracy, with 95% bootstrap intervals), NFE and latency; one MLflow run per row (stage `evaluate`, condition `text`), then reports/text-to-image."""
     from PIL import Image
 
     from .annotators.classifier import load_classifier
     from .errors import UserError
-    from .evaluation import generate, latency_ms, one_step_sampler
-    from .metrics import prompt_accuracy
+    from .evaluation import generate, latency_ms, one_step_sampler, score_samples
+    from .metrics import prompt_hits
     from .models.teacher import build_backbone
     from .pipeline import load_generator
     from .report import write_text_to_image_report
@@ -863,9 +918,7 @@ def run_evaluate_text_to_image(params: Params, methods: list[str]) -> None:
     classifier = load_classifier(ANNOTATORS / "classifier")
     rewards = {f"reward_{which}": load_reward(REWARDS / which) for which in ("heldout", "train")}
     reference = prepared.split("test").pixels(slice(0, e.fid_reference))
-    fids = _fids(params, classifier)
-    for fid in fids.values():
-        fid.set_reference(reference)
+    spaces = _spaces_of(params, classifier, reference)
     size = params.data.image_size // backbone.factor
     with torch.no_grad():  # the scale of each reward: real test images, the same for every row
         real = {f"{name}_real": reward(reference).mean().item() for name, reward in rewards.items()}
@@ -881,13 +934,11 @@ def run_evaluate_text_to_image(params: Params, methods: list[str]) -> None:
             samples = generate(sampler, hidden, mask, None, batch_size=e.batch_size, seed=params.seed)
             metrics = {"nfe": sampler.nfe, "sample_seconds": time.perf_counter() - start,
                        "latency_ms": latency_ms(sampler, hidden, mask, None, e.latency_repeats),
-                       "num_samples": len(samples), "prompt_accuracy": prompt_accuracy(classifier, samples, classes)}
+                       **score_samples(samples, spaces, {"prompt_accuracy": prompt_hits(classifier, samples, classes).float()},
+                                       resamples=e.bootstrap_resamples, seed=params.seed)}
             with torch.no_grad():
                 metrics.update({name: reward(samples).mean().item() for name, reward in rewards.items()})
             metrics.update(real)
-            for feature, fid in fids.items():
-                metrics[f"fid_{feature}"] = fid(samples)
-                metrics["num_reference"] = fid.num_reference
             mlflow.log_metrics(metrics)
             order = torch.argsort(classes[:4 * SAMPLES_SHOWN], stable=True)
             grid = image_grid(samples[:4 * SAMPLES_SHOWN][order], nrow=SAMPLES_SHOWN)

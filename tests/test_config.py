@@ -35,6 +35,9 @@ def test_committed_params_is_the_embedded_default():
     (lambda r: r["guide"].update(text_encoder={"kind": "minilm"}), ["guide.text_encoder is for a pretrained guide"]),
     (lambda r: r["acceleration"].update(mixed_precision="fp16"), ["acceleration.mixed_precision", "'no' or 'bf16'", "'fp16'"]),
     (lambda r: r["acceleration"].update(compile="tensorrt"), ["acceleration.compile", "'inductor'", "'tensorrt'"]),
+    (lambda r: r["jdm"].update(real_guidance_scale=0), ["jdm.real_guidance_scale", "greater than 0"]),
+    (lambda r: r["evaluation"].update(control_samples=900),
+     ["evaluation.control_samples (900) + jdm.eval_samples (256)", "data.num_eval (1000)", "overlap"]),
 ])
 def test_bad_params_name_the_key_and_what_is_allowed(edit, expected):
     r = raw()

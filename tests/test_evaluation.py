@@ -1,13 +1,13 @@
-"""The comparison table's parts: FID with cached reference statistics, consistency, samplers and
-latency, the denoising baselines' training, and the report."""
+"""The comparison table's parts: FID and KID on features (clean-fid's), bootstrap intervals,
+consistency, samplers and latency, the denoising baselines' training, and the report."""
 
 import numpy as np
 import pytest
 import torch
 
 from jdm.conditions import load_condition
-from jdm.evaluation import generate, latency_ms, multi_step_sampler, one_step_sampler, score
-from jdm.metrics import FID, consistency
+from jdm.evaluation import FeatureSpace, generate, latency_ms, multi_step_sampler, one_step_sampler, score
+from jdm.metrics import bootstrap, consistency, features, fid, fid_resampler, kid, kid_resampler
 from jdm.models.backbone import Backbone
 from jdm.models.generator import OneStepGenerator, controlnet_from_unet
 from jdm.models.unet import build_noise_scheduler, build_unet
@@ -40,30 +40,88 @@ def images(n, seed, brightness=0.5):
     return (brightness + 0.2 * torch.randn(n, 1, 16, 16, generator=g)).clamp(0, 1)
 
 
-def test_fid_reference_state_is_reused_exactly():
-    reference, same, brighter = images(200, 0), images(200, 1), images(200, 2, brightness=0.8)
-    fid = FID(PixelFeatures())
-    fid.set_reference(reference)
-    direct = (fid(same), fid(brighter))
-    cached = FID(PixelFeatures())
-    cached.load_reference_state(fid.reference_state())
-    assert cached.num_reference == 200
-    assert (cached(same), cached(brighter)) == pytest.approx(direct, rel=1e-6)
-    assert direct[0] < 0.1 * direct[1]  # same distribution vs a shifted one
-    assert fid(reference) == pytest.approx(0.0, abs=1e-3)
+def test_fid_of_a_set_with_itself_is_zero_and_sees_a_shift():
+    net = PixelFeatures()
+    reference, same, brighter = (features(net, x) for x in (images(200, 0), images(200, 1), images(200, 2, 0.8)))
+    assert reference.shape == (200, 16) and reference.dtype == np.float64
+    assert fid(reference, reference) == pytest.approx(0.0, abs=1e-6)
+    assert fid(same, reference) < 0.1 * fid(brighter, reference)
 
 
-def test_inception_fid_tells_a_shifted_set_from_the_same_distribution():
-    """The TF-Inception features FID is defined with (`smoke` turns Inception off to keep CI short;
-    tiny and sd15 use it): 2048 finite features per image, and a FID that sees a shift."""
-    from jdm.metrics import InceptionFeatures
+def test_kid_is_unbiased_for_one_distribution_positive_for_a_shift_and_deterministic():
+    rng = np.random.default_rng(0)
+    same = [kid(rng.normal(size=(100, 16)), rng.normal(size=(100, 16))) for _ in range(30)]
+    # unbiased: the mean over independent pairs is 0 within its standard error, single values go negative
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same)) and min(same) < 0
+    a, b = rng.normal(size=(60, 16)), rng.normal(size=(100, 16))
+    assert kid(a + 0.5, b) > 10 * np.std(same)
+    np.random.seed(7)
+    state = np.random.get_state()[1].copy()
+    assert kid(a, b) == kid(a, b)  # unequal sizes: clean-fid's subsets, drawn from a fixed seed
+    assert np.array_equal(np.random.get_state()[1], state)  # ... and numpy's global RNG put back
 
-    features = InceptionFeatures()
-    feats = features(images(4, 0))
-    assert feats.shape == (4, 2048) and torch.isfinite(feats).all()
-    fid = FID(features)
-    fid.set_reference(images(24, 0))
-    assert fid(images(24, 1)) < 0.5 * fid(images(24, 2, brightness=0.8))
+
+def low_rank(n, d=256, rank=12, shift=0.0, seed=0):
+    g = np.random.default_rng(seed)
+    return np.maximum(g.normal(size=(n, rank)) @ np.random.default_rng(99).normal(size=(rank, d)) + shift, 0)
+
+
+def test_bootstrap_statistics_match_clean_fid():
+    """The resamples' FID (no d x d sqrtm: the nuclear norm of X Y^T for sets smaller than the dimension,
+    else the eigenvalues of Sy^1/2 Sx Sy^1/2) and KID (kernel matrices computed once) against clean-fid's
+    own functions, on the whole set and on a resample with repeats."""
+    from cleanfid.fid import frechet_distance
+
+    x, y = low_rank(40, shift=0.3), low_rank(50, seed=1)
+    exact = frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    index = np.random.default_rng(2).integers(0, 40, 40)
+    for d in (256, 16):  # 40 and 50 samples: fewer than 256 dimensions, more than 16
+        fast = fid_resampler(x[:, :d], y[:, :d])
+        assert fast(np.arange(40)) == pytest.approx(exact if d == 256 else fid(x[:, :d], y[:, :d]), rel=1e-3)
+        assert fast(index) == pytest.approx(fid(x[index, :d], y[:, :d]), rel=1e-3)
+    square = low_rank(50, shift=0.3)
+    assert kid_resampler(square, y)(np.arange(50)) == pytest.approx(kid(square, y), rel=1e-9)
+    # unequal sizes: whole sets against the mean of clean-fid's 100 subsets of the larger one
+    assert kid_resampler(x, y)(np.arange(40)) == pytest.approx(kid(x, y), rel=0.05)
+
+
+def test_bootstrap_interval_holds_the_point_and_narrows_with_n():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (100, 400):
+        values = rng.normal(size=n)
+        out = bootstrap(lambda i: {"mean": values[i].mean(), "twice": 2 * values[i].mean()}, n, 300, seed=1)
+        mean = out["mean"]
+        assert mean.low < mean.point < mean.high and mean.point == pytest.approx(values.mean())
+        assert mean.high - mean.low == pytest.approx(2 * 1.96 / np.sqrt(n), rel=0.2)  # the normal interval
+        assert out["twice"].low == pytest.approx(2 * mean.low)  # one draw of indices for every statistic
+        widths.append(mean.high - mean.low)
+    assert widths[1] < 0.7 * widths[0]
+    # a FID, raised by the repeats every resample has: the interval still stands about the point
+    x, y = low_rank(60, shift=0.3), low_rank(60, seed=1)
+    f = fid_resampler(x, y)
+    interval = bootstrap(lambda i: {"fid": f(i)}, 60, 100, seed=0)["fid"]
+    assert interval.low < interval.point < interval.high and interval.std > 0
+    none = bootstrap(lambda i: {"fid": f(i)}, 60, 0, seed=0)["fid"]
+    assert none.low == none.point == none.high and none.std == 0
+    with pytest.raises(ValueError, match="resamples must be >= 0.*-1"):
+        bootstrap(lambda i: {}, 60, -1, seed=0)
+
+
+def test_inception_features_see_a_shift_and_quantise_as_the_saved_samples():
+    """The TF-Inception features FID is defined with, fed as clean-fid feeds it (`smoke` turns Inception
+    off to keep CI short; tiny and sd15 use it): 2048 finite features per image, FID and KID that see a
+    shift, and the same features for a sample and its uint8 copy (the reference is saved as uint8).
+    Few images (Inception costs ~0.2-0.5 s one on these CPUs), so the FID through its exact low-rank form."""
+    from jdm.metrics import InceptionFeatures, quantise
+
+    net = InceptionFeatures()
+    reference, same, brighter = (features(net, x) for x in (images(12, 0), images(12, 1), images(12, 2, 0.8)))
+    assert same.shape == (12, 2048) and np.isfinite(same).all()
+    assert np.allclose(features(net, quantise(images(12, 1)[:4]).float() / 255), same[:4], rtol=1e-5, atol=1e-6)
+    shift = [fid_resampler(x, reference)(np.arange(12)) for x in (same, brighter)]
+    assert shift[0] < 0.6 * shift[1]
+    assert kid(same, reference) < 0.1 * kid(brighter, reference)
 
 
 def test_consistency_is_zero_for_the_exact_extractor(smoke_params, tmp_path):
@@ -103,16 +161,25 @@ def test_samplers_are_seeded_and_count_their_evaluations(teacher):
     assert latency_ms(multi, hidden, mask, None, repeats=2) > latency_ms(one, hidden, mask, None, repeats=2)
 
 
-def test_score_reports_sample_counts_beside_fid(smoke_params, tmp_path, monkeypatch):
+def test_score_gives_every_number_its_interval(smoke_params, tmp_path, monkeypatch):
     canny = load_condition("canny", smoke_params, tmp_path)
-    fid = FID(PixelFeatures())
-    fid.set_reference(images(40, 0))
+    net = PixelFeatures()
+    spaces = {"pixels": FeatureSpace(net, features(net, images(40, 0)))}
     # prompt accuracy is the classifier's, tested with it; here the score's own bookkeeping
-    monkeypatch.setattr("jdm.evaluation.prompt_accuracy", lambda classifier, samples, classes: 0.25)
+    monkeypatch.setattr("jdm.evaluation.prompt_hits", lambda classifier, samples, classes: torch.arange(len(samples)) % 4 == 0)
     x = images(20, 1)
-    out = score(x, canny.extract(x), torch.zeros(20), canny, None, {"pixels": fid})
-    assert out["num_samples"] == 20 and out["num_reference"] == 40
-    assert out["consistency"] == 0.0 and out["prompt_accuracy"] == 0.25 and out["fid_pixels"] > 0
+    out = score(x, canny.extract(x), torch.zeros(20), canny, None, spaces, resamples=50, seed=0)
+    intervals = {f"{k}_{end}" for k in ("fid_pixels", "kid_pixels", "consistency", "prompt_accuracy") for end in ("low", "high")}
+    assert set(out) == {"num_samples", "num_reference", "bootstrap_resamples", "fid_pixels", "kid_pixels",
+                        "kid_pixels_std", "consistency", "prompt_accuracy"} | intervals
+    assert (out["num_samples"], out["num_reference"], out["bootstrap_resamples"]) == (20, 40, 50)
+    assert out["consistency"] == out["consistency_low"] == out["consistency_high"] == 0.0
+    assert out["prompt_accuracy_low"] < out["prompt_accuracy"] == 0.25 < out["prompt_accuracy_high"]
+    for key in ("fid_pixels", "kid_pixels"):
+        assert out[f"{key}_low"] < out[key] < out[f"{key}_high"]
+    assert out["fid_pixels"] > 0 and out["kid_pixels_std"] > 0
+    bare = score(x, canny.extract(x), torch.zeros(20), canny, None, spaces, resamples=0, seed=0)
+    assert not intervals & set(bare) and bare["fid_pixels"] == out["fid_pixels"]
 
 
 def identity_data(n=64, size=16, seed=0):
@@ -179,18 +246,19 @@ def test_teacher_controlnet_trains_resumes_and_stops_on_nan(teacher, tmp_path):
                          lr=1e-3, prompt_dropout=0.0, seed=0)
 
 
-def row(method, condition, fid, cons, nfe):
-    return {"method": method, "condition": condition, "fid_inception": fid, "fid_classifier": fid / 100,
-            "consistency": cons, "nfe": nfe, "latency_ms": 2.0 * nfe, "prompt_accuracy": 0.5, "num_samples": 100,
-            "num_reference": 100}
+def row(method, condition, fid, cons, nfe, width=None):
+    """A metrics file's row; with `width`, the intervals of FID, KID and consistency (half that wide)."""
+    out = {"method": method, "condition": condition, "fid_inception": fid, "fid_classifier": fid / 100,
+           "consistency": cons, "nfe": nfe, "latency_ms": 2.0 * nfe, "prompt_accuracy": 0.5, "num_samples": 100,
+           "num_reference": 100}
+    if width is not None:
+        out.update(kid_inception=fid / 1e4, kid_classifier=fid / 1e6, bootstrap_resamples=200)
+        for key in ("fid_inception", "kid_inception", "fid_classifier", "kid_classifier", "consistency"):
+            out[f"{key}_low"], out[f"{key}_high"] = out[key] * (1 - width / 2), out[key] * (1 + width / 2)
+    return out
 
 
-def test_report_table_summary_and_page(tmp_path):
-    rows = [row("jdm", "canny", 30.0, 0.10, 1), row("jdm", "hed", 40.0, 0.30, 1),
-            row("controlnet-50", "canny", 20.0, 0.20, 50), row("controlnet-50", "hed", 30.0, 0.20, 50)]
-    lines = summary(rows)
-    assert len(lines) == 1 and "consistency better on 1/2" in lines[0]
-    assert "ratio JDM/controlnet-50 = 1.40" in lines[0] and "NFE 1 vs 50" in lines[0]  # (30+40)/(20+30)
+def write_pictures(rows, tmp_path):
     samples = tmp_path / "samples"
     samples.mkdir()
     grid = (np.random.default_rng(0).random((17, 137, 3)) * 255).astype(np.uint8)
@@ -199,12 +267,40 @@ def test_report_table_summary_and_page(tmp_path):
         Image.fromarray(grid).save(samples / f"{r['method']}-{r['condition']}.png")
     out = tmp_path / "report"
     out.mkdir()
-    write_report(rows, ["jdm", "controlnet-50"], ["canny", "hed"],
-                 {"teacher": grid, "maps-canny": grid, "maps-hed": grid}, samples, out, "tiny")
+    return samples, out, {"teacher": grid, "maps-canny": grid, "maps-hed": grid}
+
+
+def test_report_table_summary_and_page(tmp_path):
+    """Older metrics files, without KID or intervals, still make the table."""
+    rows = [row("jdm", "canny", 30.0, 0.10, 1), row("jdm", "hed", 40.0, 0.30, 1),
+            row("controlnet-50", "canny", 20.0, 0.20, 50), row("controlnet-50", "hed", 30.0, 0.20, 50)]
+    lines = summary(rows)
+    assert len(lines) == 1 and "consistency better on 1/2" in lines[0] and "disjoint" not in lines[0]
+    assert "ratio JDM/controlnet-50 = 1.40" in lines[0] and "NFE 1 vs 50" in lines[0]  # (30+40)/(20+30)
+    samples, out, pictures = write_pictures(rows, tmp_path)
+    write_report(rows, ["jdm", "controlnet-50"], ["canny", "hed"], pictures, samples, out, "tiny")
     md = (out / "table.md").read_text()
     assert md.count("| JDM (one step) |") == 2 and "14.35 / 0.122 (NCT T1)" in md
-    assert "100 samples vs 100 reference" in md
+    assert "100 samples vs 100 reference" in md and "No intervals." in md
+    assert "| 1 | 2.0 | 30.0 | - | 0.300 | - | 0.1000 | 0.50 |" in md
     page = (out / "index.html").read_text()
     assert page.count("<img ") == 2 * 4 and page.count("<tr><td>") == 4
     for name in ("maps-canny", "teacher", "jdm-hed", "controlnet-50-canny"):
         assert (out / f"{name}.png").is_file()
+
+
+def test_report_shows_intervals_and_says_which_comparisons_they_separate(tmp_path):
+    # canny: JDM's FID 30 [28.5, 31.5] against 20 [19, 21], disjoint; hed: 40 [36, 44] against 42 [37.8, 46.2], not
+    rows = [row("jdm", "canny", 30.0, 0.10, 1, width=0.1), row("jdm", "hed", 40.0, 0.30, 1, width=0.2),
+            row("controlnet-50", "canny", 20.0, 0.20, 50, width=0.1), row("controlnet-50", "hed", 42.0, 0.29, 50, width=0.2)]
+    line = summary(rows)[0]
+    assert "consistency better on 1/2 conditions (intervals disjoint on 1/2: 1 better, 0 worse)" in line
+    assert "FID (inception) better on 1/2 conditions (intervals disjoint on 1/2: 0 better, 1 worse)" in line
+    assert "KID (classifier) better on 1/2" in line
+    samples, out, pictures = write_pictures(rows, tmp_path)
+    write_report(rows, ["jdm", "controlnet-50"], ["canny", "hed"], pictures, samples, out, "tiny")
+    md = (out / "table.md").read_text()
+    assert "95% bootstrap interval (200 resamples" in md and "KID x1e3" in md
+    # FID Inception, KID Inception x1e3 (30 / 1e4 * 1e3 = 3.0), FID classifier, KID classifier x1e3, consistency
+    assert "| 30.0 [28.5, 31.5] | 3.0 [2.9, 3.1] | 0.300 [0.285, 0.315] | 0.03 [0.03, 0.03] | 0.1000 [0.0950, 0.1050] |" in md
+    assert "30.0 [28.5, 31.5]" in (out / "index.html").read_text()

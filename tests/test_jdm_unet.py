@@ -89,3 +89,25 @@ def test_lora_switches_between_fake_score_and_consistency_model(smoke_params):
             on = fake(x, t, encoder_hidden_states=h, encoder_attention_mask=m).sample
         off_again = fake(x, t, encoder_hidden_states=h, encoder_attention_mask=m).sample
     assert not torch.allclose(on, off) and torch.equal(off, off_again)
+
+
+def test_guided_real_score_is_the_teachers_cfg(smoke_params):
+    """`real_guidance_scale` s: the real score is eps(null) + s (eps(y) - eps(null)) of the teacher, with the
+    null prompt at index 0 of the table; s = 1 leaves the plain prompt-conditioned teacher."""
+    from jdm.objectives import cfg_eps
+
+    trainer, generator, teacher, fake, _, data = setup(smoke_params, freeze_unet=False)
+    condition, backbone = load_condition("canny", smoke_params), Backbone(1)
+    g = torch.Generator().manual_seed(1)
+    x_t, t = torch.randn(3, 1, 16, 16, generator=g), torch.tensor([100, 500, 900])
+    pid = data.prompt_ids[:3]
+    ctx = {"prompt_ids": pid, "hidden": data.hidden[pid], "mask": data.mask[pid]}
+    null = {"hidden": data.hidden[[0, 0, 0]], "mask": data.mask[[0, 0, 0]]}
+    with torch.no_grad():
+        eps_y = teacher(x_t, t, encoder_hidden_states=ctx["hidden"], encoder_attention_mask=ctx["mask"]).sample
+        eps_null = teacher(x_t, t, encoder_hidden_states=null["hidden"], encoder_attention_mask=null["mask"]).sample
+        guided = unet_players(generator, teacher, fake, condition, data, backbone, g, real_guidance_scale=3.0)
+        plain = unet_players(generator, teacher, fake, condition, data, backbone, g)
+        assert torch.allclose(guided.real_eps(x_t, t, ctx), cfg_eps(eps_y, eps_null, 3.0), atol=1e-5)
+        assert torch.equal(plain.real_eps(x_t, t, ctx), eps_y)
+        assert not torch.allclose(eps_y, eps_null)  # the prompts matter, so the test can fail

@@ -54,7 +54,7 @@ def test_smoke_pipeline_end_to_end(smoke_workspace):
                     "consistency_without_controlnet", "prompt_accuracy"} <= set(m), r.data.tags
             assert all(v == v and abs(v) < 1e6 for v in m.values())  # finite
             assert len(client.get_metric_history(r.info.run_id, "loss_generator")) >= 2
-            assert any(a.path.endswith("_map_controlled_uncontrolled.png") for a in client.list_artifacts(r.info.run_id))
+            assert any(a.path.endswith("_validation.png") for a in client.list_artifacts(r.info.run_id))
     for c in ("hed", "depth", "sr"):
         ext = json.loads((work / f"metrics/extend-{c}.json").read_text())
         assert ext["condition"] == c and ext["generator_unchanged"] == 1.0 and ext["num_eval_maps"] == 32

@@ -50,13 +50,31 @@ def build_generator(teacher_unet, schedule: VPSchedule, condition: Condition, ba
     return OneStepGenerator(unet, controlnets, schedule, t_gen)
 
 
+def prompt_and_null(unet, hidden: torch.Tensor, mask: torch.Tensor):
+    """`eps(x_t, t, ctx) -> (eps(x_t, y), eps(x_t, null))` from one batched pass, as CFG samplers do;
+    `hidden`/`mask` [P,L,D]/[P,L] are the prompt table this model reads, looked up by `ctx["prompt_ids"]`."""
+    def eps(x_t, t, ctx):
+        n, pid = len(x_t), ctx["prompt_ids"]
+        table_hidden, table_mask = hidden.to(x_t.device), mask.to(x_t.device)
+        null_hidden, null_mask = table_hidden[EMPTY_PROMPT_ID], table_mask[EMPTY_PROMPT_ID]
+        both_hidden = torch.cat([table_hidden[pid], null_hidden.expand(n, *null_hidden.shape)])
+        both_mask = torch.cat([table_mask[pid], null_mask.expand(n, *null_mask.shape)])
+        out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=both_hidden,
+                   encoder_attention_mask=both_mask).sample
+        return out.chunk(2)
+    return eps
+
+
 def unet_players(generator: OneStepGenerator, teacher_unet, fake_score, condition: Condition, data: ControlData,
                  backbone: Backbone, rng: torch.Generator, prompt_dropout: float = 0.0,
-                 with_condition: bool = True) -> Players:
+                 with_condition: bool = True, real_guidance_scale: float = 1.0) -> Players:
     """Bind prompts and controls: the generator and the condition see the control, the teacher and
     the fake score see only the prompt (method.md: the teacher never needs to understand c).
     `with_condition=False` drops the condition term: plain score distillation (Diff-Instruct, Eq. 12).
-    Without control maps in `data` (and `condition` None) the student is text-to-image only."""
+    `real_guidance_scale` s != 1 guides the real score with the teacher's classifier-free guidance
+    (DMD's coupled form): the student then matches the distribution the teacher samples with CFG s,
+    the one the evaluation's reference and ControlNet-50 are drawn from. Without control maps in
+    `data` (and `condition` None) the student is text-to-image only."""
     name = condition.name if condition is not None else None
     controlled = name in generator.names
     size = (data.maps.shape[-1] // backbone.factor if data.maps is not None
@@ -77,8 +95,12 @@ def unet_players(generator: OneStepGenerator, teacher_unet, fake_score, conditio
         return lambda x_t, t, ctx: unet(x_t, t, encoder_hidden_states=ctx["hidden"],
                                         encoder_attention_mask=ctx["mask"]).sample
 
+    real_eps = eps_of(teacher_unet)
+    if real_guidance_scale != 1.0:
+        teacher_pair = prompt_and_null(teacher_unet, data.hidden, data.mask)
+        real_eps = lambda x_t, t, ctx: cfg_eps(*teacher_pair(x_t, t, ctx), real_guidance_scale)  # noqa: E731
     log_likelihood = lambda x0, ctx: condition.log_likelihood(backbone.decode_differentiable(x0), ctx["control"])  # noqa: E731
-    return Players(sample=sample, real_eps=eps_of(teacher_unet), fake_eps=eps_of(fake_score), fake_score=fake_score,
+    return Players(sample=sample, real_eps=real_eps, fake_eps=eps_of(fake_score), fake_score=fake_score,
                    log_likelihood=log_likelihood if with_condition else None)
 
 
@@ -103,31 +125,16 @@ def text_to_image_players(variant: str, generator: OneStepGenerator, teacher_une
     """
     if variant not in TEXT_TO_IMAGE_VARIANTS:
         raise ValueError(f"unknown text-to-image variant {variant!r}; available: {', '.join(TEXT_TO_IMAGE_VARIANTS)}")
+    # the variants of Table 3 differ in how the prompt is enforced: only coupled CFG guides the real score
     players = unet_players(generator, teacher_unet, fake_score, None, data, backbone, rng, prompt_dropout,
-                           with_condition=False)
-
-    def prompt_and_null(unet, embeddings):
-        """(eps(x_t, y), eps(x_t, null)) from one batched pass, as CFG samplers do; `embeddings` is the
-        prompt table this model reads."""
-        table_hidden, table_mask = (e.to(data.hidden.device) for e in embeddings)
-        null_hidden, null_mask = table_hidden[EMPTY_PROMPT_ID], table_mask[EMPTY_PROMPT_ID]
-
-        def eps(x_t, t, ctx):
-            n, pid = len(x_t), ctx["prompt_ids"]
-            hidden = torch.cat([table_hidden[pid], null_hidden.expand(n, *null_hidden.shape)])
-            mask = torch.cat([table_mask[pid], null_mask.expand(n, *null_mask.shape)])
-            out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=hidden,
-                       encoder_attention_mask=mask).sample
-            return out.chunk(2)
-        return eps
-
+                           with_condition=False,
+                           real_guidance_scale=guidance_scale if variant == "coupled-cfg" else 1.0)
     if variant == "coupled-cfg":
-        teacher_pair = prompt_and_null(teacher_unet, (data.hidden, data.mask))
-        return replace(players, real_eps=lambda x_t, t, ctx: cfg_eps(*teacher_pair(x_t, t, ctx), guidance_scale))
+        return players
     if variant == "decoupled-cfg":
         if guide_unet is None:
             raise ValueError("decoupled-cfg needs a guidance model (guide_unet)")
-        guide_pair = prompt_and_null(guide_unet, (data.hidden, data.mask) if guide_embeddings is None else guide_embeddings)
+        guide_pair = prompt_and_null(guide_unet, *((data.hidden, data.mask) if guide_embeddings is None else guide_embeddings))
 
         def condition_grad(x_t, t, ctx):
             with torch.no_grad():
@@ -155,9 +162,10 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, condition
     Phase 1 (`train_unet=True`) trains the generator UNet and the ControlNet; phase 2 only the
     ControlNet (the UNet is frozen and never handed to an optimiser). Checkpoints as `checkpoint`
     says and resumes from there; at the end the generator holds its EMA weights when `p.ema_decay` > 0.
-    `evaluate()` (held-out scores) is logged every `p.eval_every` steps, so a run's control can be
-    watched taking hold in MLflow. `make_players(rng, data)` replaces the condition's players
-    (text-to-image variants), `frozen` the networks those players run besides teacher and fake score.
+    `evaluate()` (validation scores, of the EMA weights when there is an EMA) is logged at step 0 and
+    every `p.eval_every` steps, so a run's convergence can be watched in MLflow. `make_players(rng,
+    data)` replaces the condition's players (text-to-image variants), `frozen` the networks those
+    players run besides teacher and fake score.
 
     Every network and `data` train on accelerate's device in `acceleration`'s precision,
     and are back on the CPU when it returns (jdm/training/accel.py); one process: the players hold
@@ -191,7 +199,7 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, condition
     check_trainable_fp32(trained + list(fake_score.parameters()), "the one-step generator or the fake score")
     if make_players is None:
         players = unet_players(generator, teacher_unet, fake_score, condition, data, backbone, rng, p.prompt_dropout,
-                               with_condition=p.condition_weight > 0)
+                               with_condition=p.condition_weight > 0, real_guidance_scale=p.real_guidance_scale)
     else:
         players = make_players(rng, data)
     jdm_settings = JDMSettings(condition_weight=p.condition_weight, condition_t_max=p.condition_t_max,
@@ -212,7 +220,20 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, condition
     checkpoints = checkpoint.checkpointer(stateful, {"data": rng}) if checkpoint is not None else None
     compile_networks([generator.unet, *generator.controlnets.values(), teacher_unet, fake_score, *frozen], acceleration)
 
+    def validate(step: int) -> None:
+        """Score the weights the phase will save: the EMA's, swapped in and back (diffusers' recipe)."""
+        if ema is not None:
+            ema.store(trained)
+            ema.copy_to(trained)
+        try:
+            log(step, evaluate())
+        finally:
+            if ema is not None:
+                ema.restore(trained)
+
     def step_fn(step: int) -> None:
+        if step == 1 and evaluate is not None and p.eval_every:
+            validate(0)  # a fresh start's curve begins at the initialisation, before any update
         with accelerator.autocast():
             logs = trainer.step()
         if ema is not None:
@@ -220,7 +241,7 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, condition
         if step % p.log_every == 0 or step == steps:
             log(step, logs)
         if evaluate is not None and p.eval_every and step % p.eval_every == 0:
-            log(step, evaluate())
+            validate(step)
 
     start = run_steps(checkpoints, steps, step_fn)
     if ema is not None:

@@ -1,0 +1,89 @@
+"""Run one training stage of the main pipeline under several settings, one after the other, and keep what
+each wrote: its metrics file and its validation curve, under metrics/sweeps/<stage>/<label>/, plus one
+row per setting in metrics/sweeps/<stage>.json (the trade-off plot: `dvc plots show
+metrics/sweeps/warmup.json -x fid_classifier -y consistency`).
+
+    python infra/sweep.py warmup --grid jdm.condition_weight=0.1,0.3,1 --fixed jdm.real_guidance_scale=3
+
+Each setting edits params.yaml, runs `jdm <stage>` and puts params.yaml back (also when a run fails);
+the stage's own outputs are left as the last run wrote them, so `dvc status` shows the stage changed
+until `dvc repro` runs it again under the committed params. The settings read only the validation maps
+(the last jdm.eval_samples of the held-out split), never the table's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+STAGES = {"warmup": ("metrics/warmup.json", "metrics/curves/warmup.json")}
+
+
+def _value(text: str):
+    return yaml.safe_load(text)  # 0.3 -> float, true -> bool, null -> None, as params.yaml reads them
+
+
+def _assign(params: dict, key: str, value) -> None:
+    *path, last = key.split(".")
+    section = params
+    for part in path:
+        section = section[part]
+    if last not in section:
+        raise SystemExit(f"sweep: {key!r} is not a key of params.yaml")
+    section[last] = value
+
+
+def _label(settings: dict) -> str:
+    """'condition_weight=0.3,real_guidance_scale=3': the keys' last parts, sorted; numbers as %g."""
+    show = lambda v: f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)  # noqa: E731
+    return ",".join(f"{k.split('.')[-1]}={show(v)}" for k, v in sorted(settings.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("--grid", required=True, help="KEY=V1,V2,...: the values swept")
+    parser.add_argument("--fixed", action="append", default=[], help="KEY=V, the same for every run")
+    args = parser.parse_args(argv)
+    key, values = args.grid.split("=", 1)
+    fixed = dict(item.split("=", 1) for item in args.fixed)
+    metrics_file, curve_file = (Path(p) for p in STAGES[args.stage])
+    out = Path("metrics/sweeps") / args.stage
+    original = Path("params.yaml").read_text()
+    rows = []
+    try:
+        for text in values.split(","):
+            params = yaml.safe_load(original)
+            settings = {**{k: _value(v) for k, v in fixed.items()}, key: _value(text)}
+            for k, v in settings.items():
+                _assign(params, k, v)
+            Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            label = _label(settings)
+            start = time.perf_counter()
+            subprocess.run(["jdm", args.stage], check=True)
+            (out / label).mkdir(parents=True, exist_ok=True)
+            shutil.copy(metrics_file, out / label / "metrics.json")
+            shutil.copy(curve_file, out / label / "curve.json")
+            final = json.loads(metrics_file.read_text())
+            rows.append({**settings, "label": label, "wall_seconds": round(time.perf_counter() - start, 1),
+                         **{k: v for k, v in final.items() if isinstance(v, (int, float))}})
+            print(f"sweep {label}: {json.dumps(rows[-1])}", flush=True)
+    finally:
+        Path("params.yaml").write_text(original)
+    # one row per setting: a rerun of a setting replaces its row, other sweeps' rows stay
+    table = out.parent / f"{args.stage}.json"
+    kept = [r for r in (json.loads(table.read_text()) if table.is_file() else [])
+            if r["label"] not in {row["label"] for row in rows}]
+    table.write_text(json.dumps(sorted(kept + rows, key=lambda r: r["label"]), indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
