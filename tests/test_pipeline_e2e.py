@@ -58,6 +58,11 @@ def test_smoke_pipeline_end_to_end(smoke_workspace):
     for c in ("hed", "depth", "sr"):
         ext = json.loads((work / f"metrics/extend-{c}.json").read_text())
         assert ext["condition"] == c and ext["generator_unchanged"] == 1.0 and ext["num_eval_maps"] == 32
+    # the validation curve (dvc plots): step 0, then every jdm.eval_every steps, on the validation maps
+    curve = json.loads((work / "metrics/curves/warmup.json").read_text())
+    assert [point["step"] for point in curve] == [0, 3, 6]
+    assert all({"eval_fid_classifier", "eval_kid_classifier", "eval_consistency", "eval_prompt_accuracy"} <= set(point)
+               for point in curve)
     assert not (work / "checkpoints").exists() or not any((work / "checkpoints").iterdir())
     ev = next(r for r in runs if r.data.tags["stage"] == "evaluate-teacher")
     assert "prompt_accuracy" in ev.data.metrics and ev.data.params["evaluation.num_inference_steps"] == "4"
