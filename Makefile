@@ -21,7 +21,7 @@ export TRANSFORMERS_OFFLINE := 1
 export AWS_RETRY_MODE ?= standard
 export AWS_MAX_ATTEMPTS ?= 3
 
-.PHONY: install run paper test bench ui serve stop remote push pull clean-outputs
+.PHONY: install run paper seeds test test-fast bench ui serve stop remote push pull clean-outputs
 
 install: $(STAMP)
 
@@ -44,8 +44,18 @@ paper: install
 	jdm profile $(PROFILE) $(if $(FORCE),--force)
 	dvc repro paper/dvc.yaml
 
+# the headline rows (JDM, ControlNet-50) with two more training seeds, reusing `make run`'s data, teacher and
+# reference: seeds/<k>/, metrics/seeds.json, reports/seeds/table.md (mean ± std, claims seed by seed)
+seeds: install
+	jdm profile $(PROFILE) $(if $(FORCE),--force)
+	dvc repro seeds/dvc.yaml
+
 test: install
 	pytest -q
+
+# the unit tests alone, for your own loop: everything but the end-to-end files (tests/test_*_e2e.py)
+test-fast: install
+	pytest -q $(addprefix --ignore=,$(wildcard tests/test_*_e2e.py))
 
 # side-by-side timings, one JSON each in benchmarks/results/ (run alone: two torch processes on two
 # cores slow each other down by 4-40x). BENCH_PIPELINE=tiny times the main pipeline fresh (~1 h).

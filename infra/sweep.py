@@ -4,6 +4,7 @@ row per setting in metrics/sweeps/<stage>.json (the trade-off plot: `dvc plots s
 metrics/sweeps/warmup.json -x fid_classifier -y consistency`).
 
     python infra/sweep.py warmup --grid jdm.condition_weight=0.1,0.3,1 --fixed jdm.real_guidance_scale=3
+    python infra/sweep.py extend-sr --grid jdm.condition_weight=0.1,1   # on the warm-up's generator in models/jdm
 
 Each setting edits params.yaml, runs `jdm <stage>` and puts params.yaml back (also when a run fails);
 the stage's own outputs are left as the last run wrote them, so `dvc status` shows the stage changed
@@ -23,7 +24,10 @@ from pathlib import Path
 
 import yaml
 
-STAGES = {"warmup": ("metrics/warmup.json", "metrics/curves/warmup.json")}
+# stage name -> the `jdm` command, its metrics file and its validation curve
+STAGES = {"warmup": (["warmup"], "metrics/warmup.json", "metrics/curves/warmup.json"),
+          **{f"extend-{c}": (["extend", c], f"metrics/extend-{c}.json", f"metrics/curves/extend-{c}.json")
+             for c in ("hed", "depth", "sr")}}
 
 
 def _value(text: str):
@@ -54,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     key, values = args.grid.split("=", 1)
     fixed = dict(item.split("=", 1) for item in args.fixed)
-    metrics_file, curve_file = (Path(p) for p in STAGES[args.stage])
+    command, *files = STAGES[args.stage]
+    metrics_file, curve_file = (Path(p) for p in files)
     out = Path("metrics/sweeps") / args.stage
     original = Path("params.yaml").read_text()
     rows = []
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             label = _label(settings)
             start = time.perf_counter()
-            subprocess.run(["jdm", args.stage], check=True)
+            subprocess.run(["jdm", *command], check=True)
             (out / label).mkdir(parents=True, exist_ok=True)
             shutil.copy(metrics_file, out / label / "metrics.json")
             shutil.copy(curve_file, out / label / "curve.json")

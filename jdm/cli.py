@@ -12,10 +12,10 @@ from .env import set_offline_env
 set_offline_env()  # before any tool that might phone home is imported
 
 from .errors import UserError  # noqa: E402
-from .config import PROFILES, ParamsError, load_params, profile_path  # noqa: E402
+from .config import PROFILES, ParamsError, load_params, profile_path, seed_params  # noqa: E402
 from .training.errors import TrainingStopped  # noqa: E402
 
-STAGES = ("data", "annotator", "conditions", "teacher", "evaluate-teacher", "warmup", "extend", "controlnet",
+STAGES = ("data", "annotator", "judge", "conditions", "teacher", "evaluate-teacher", "warmup", "extend", "controlnet",
           "reference")
 BASELINES = ("di", "denoising", "implicit", "wo-warmup", "wo-modelling")
 
@@ -37,6 +37,15 @@ def cmd_profile(args) -> None:
     print(f"{dst} is now profile {args.name}")
 
 
+def cmd_seed_params(args) -> None:
+    """Write the params of extra training seed `offset` (seeds/dvc.yaml's first stage)."""
+    out = Path(args.out)
+    text = seed_params(args.params, args.offset)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"{out}: seed + {args.offset}")
+
+
 def cmd_stage(args) -> None:
     from . import stages
 
@@ -45,6 +54,8 @@ def cmd_stage(args) -> None:
         stages.run_data(params)
     elif args.command == "annotator":
         stages.run_annotator(params, args.name)
+    elif args.command == "judge":
+        stages.run_judge(params, args.name)
     elif args.command == "conditions":
         from .conditions import resolve_condition_class
         resolve_condition_class(args.name)  # an unknown name fails before any work
@@ -59,6 +70,8 @@ def cmd_stage(args) -> None:
         stages.run_report(params, args.methods.split(","), args.conditions.split(","), Path(args.out))
     elif args.command == "reward":
         stages.run_reward(params, args.which)
+    elif args.command == "seeds-report":
+        stages.run_seeds_report(params, [int(k) for k in args.seeds.split(",")], Path(args.out))
     elif args.command == "guide":
         stages.run_guide(params)
     elif args.command == "text-to-image":
@@ -138,10 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile)
     sub.add_parser("check", help="validate params.yaml and exit").set_defaults(
         func=lambda a: print(f"{a.params}: valid, profile {load_params(a.params).profile}"))
+    p = sub.add_parser("seed-params", help="write the params of an extra training seed (seeds/dvc.yaml calls this)")
+    p.add_argument("offset", type=int, help="added to params.yaml's seed (1, 2, ...; make run's is 0)")
+    p.add_argument("--out", required=True, help="the params file to write, e.g. seeds/1/params.yaml")
+    p.set_defaults(func=cmd_seed_params)
     for name in STAGES:
         p = sub.add_parser(name, help=f"run the `{name}` stage (DVC calls this)")
         if name == "annotator":
             p.add_argument("name", choices=("hed", "depth", "classifier"))
+        if name == "judge":
+            p.add_argument("name", choices=("depth",), help="the judge to train (the hed judge has no weights)")
         if name in ("conditions", "extend", "controlnet"):
             p.add_argument("name", help="a built-in condition or a plugin 'package.module:Class'")
         p.set_defaults(func=cmd_stage)
@@ -158,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="jdm,controlnet-50")
     p.add_argument("--conditions", default="canny,hed,depth,sr")
     p.add_argument("--out", default="reports/main")
+    p.set_defaults(func=cmd_stage)
+    p = sub.add_parser("seeds-report", help="the headline rows across training seeds: mean and std, and which "
+                                             "claims hold on every seed (seeds/dvc.yaml calls this)")
+    p.add_argument("--seeds", default="1,2", help="the extra seeds' offsets, beside make run's (0)")
+    p.add_argument("--out", default="reports/seeds")
     p.set_defaults(func=cmd_stage)
     p = sub.add_parser("reward", help="train a reward stand-in for human-feedback learning (paper/dvc.yaml calls this)")
     p.add_argument("which", choices=("train", "heldout"), help="train: gives HFL its gradient; heldout: only scores")

@@ -82,6 +82,25 @@ class AnnotatorParams(Section):
     classifier: ClassifierParams = ClassifierParams()
 
 
+class DepthJudgeParams(Section):
+    # a second depth stand-in, trained like annotators.depth but from another seed and with other widths
+    seed: int = 101
+    channels: list[PositiveInt] = Field([24, 40, 56, 72], min_length=2)
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 2e-3
+
+
+class HedJudgeParams(Section):
+    sigma: PositiveFloat = 1.0  # the Gaussian blur (pixels) before the Sobel magnitude
+
+
+class JudgesParams(Section):
+    """Held-out judges of consistency for the conditions whose extractor JDM trains against (judges.py)."""
+    hed: HedJudgeParams = HedJudgeParams()
+    depth: DepthJudgeParams = DepthJudgeParams()
+
+
 class CannyParams(Section):
     low_threshold: PositiveInt = 100
     high_threshold: PositiveInt = 200
@@ -282,6 +301,7 @@ class Params(Section):
     data: DataParams
     text_encoder: TextEncoderParams = TextEncoderParams()
     annotators: AnnotatorParams = AnnotatorParams()
+    judges: JudgesParams = JudgesParams()
     conditions: ConditionParams = ConditionParams()
     teacher: TeacherParams
     evaluation: EvaluationParams = EvaluationParams()
@@ -363,3 +383,15 @@ def profile_path(name: str) -> Path:
     if name not in PROFILES:
         raise ParamsError(f"unknown profile {name!r}; available profiles: {', '.join(PROFILES)}")
     return Path("profiles") / f"{name}.yaml"
+
+
+def seed_params(path: str | os.PathLike, offset: int) -> str:
+    """The params file `path` with `seed` moved by `offset`, as YAML: the params of one extra training
+    seed (seeds/dvc.yaml), everything else the same. Validated like any params file."""
+    if offset <= 0:
+        raise ParamsError(f"seed offset must be a positive integer (got {offset}); offset 0 is params.yaml itself")
+    raw = yaml.safe_load(Path(path).read_text())
+    params = parse_params(raw, str(path))
+    raw["seed"] = params.seed + offset
+    return (f"# generated from {Path(path).name} by `jdm seed-params {offset}` (seeds/dvc.yaml): seed + {offset}, "
+            f"nothing else changed; do not edit\n" + yaml.safe_dump(raw, sort_keys=False))

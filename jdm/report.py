@@ -32,9 +32,11 @@ LABELS = {"jdm": "JDM (one step)", "controlnet-50": "ControlNet (DM), multi-step
 COLUMNS = [("nfe", "NFE", "{:.0f}", 1), ("latency_ms", "latency ms/img", "{:.1f}", 1),
            ("fid_inception", "FID Inception", "{:.1f}", 1), ("kid_inception", "KID Inception x1e3", "{:.1f}", 1e3),
            ("fid_classifier", "FID classifier", "{:.3f}", 1), ("kid_classifier", "KID classifier x1e3", "{:.2f}", 1e3),
-           ("consistency", "consistency L1", "{:.4f}", 1), ("prompt_accuracy", "prompt acc.", "{:.2f}", 1)]
+           ("consistency", "consistency L1", "{:.4f}", 1),
+           ("consistency_judge", "consistency, held-out judge", "{:.4f}", 1),
+           ("prompt_accuracy", "prompt acc.", "{:.2f}", 1)]
 # lower is better; the headline compares JDM with each method on these
-COMPARED = [("consistency", "consistency"), ("fid_inception", "FID (inception)"), ("kid_inception", "KID (inception)"),
+COMPARED = [("consistency", "consistency"), ("consistency_judge", "consistency (held-out judge)"), ("fid_inception", "FID (inception)"), ("kid_inception", "KID (inception)"),
             ("fid_classifier", "FID (classifier)"), ("kid_classifier", "KID (classifier)")]
 
 
@@ -80,12 +82,13 @@ def summary(rows: list[dict]) -> list[str]:
             continue
         clauses = []
         for key, name in COMPARED:
-            if not all(key in j and key in o for j, o in pairs):
+            scored = [(j, o) for j, o in pairs if key in j and key in o]  # the judge scores hed and depth only
+            if not scored:
                 continue
-            better = sum(j[key] < o[key] for j, o in pairs)
-            clause = f"{name} better on {better}/{len(pairs)} conditions{_separation(pairs, key)}"
+            better = sum(j[key] < o[key] for j, o in scored)
+            clause = f"{name} better on {better}/{len(scored)} conditions{_separation(scored, key)}"
             if key.startswith("fid_"):
-                ratio = np.mean([j[key] for j, _ in pairs]) / np.mean([o[key] for _, o in pairs])
+                ratio = np.mean([j[key] for j, _ in scored]) / np.mean([o[key] for _, o in scored])
                 clause += f", mean ratio JDM/{other} = {ratio:.2f}"
             clauses.append(clause)
         if all("prompt_accuracy" in j and "prompt_accuracy" in o for j, o in pairs):  # higher is better
@@ -240,3 +243,82 @@ def write_text_to_image_report(rows: list[dict], samples_dir: Path, out: Path, p
                                           f"JDM: human feedback and decoupled CFG, one step ({profile})", note,
                                           _html_table(TEXT_HEADER, cells), headline,
                                           "Samples (same prompts and classes in every row)", grids))
+
+
+# --- The headline rows across training seeds (seeds/dvc.yaml) ----------------------------------------------
+
+SEED_KEYS = [("fid_inception", "FID Inception", "{:.1f}", 1), ("kid_inception", "KID Inception x1e3", "{:.1f}", 1e3),
+             ("fid_classifier", "FID classifier", "{:.2f}", 1), ("kid_classifier", "KID classifier x1e3", "{:.2f}", 1e3),
+             ("consistency", "consistency L1", "{:.4f}", 1),
+             ("consistency_judge", "consistency, held-out judge", "{:.4f}", 1),
+             ("prompt_accuracy", "prompt acc.", "{:.3f}", 1)]
+RATIO_TARGET = 1.3   # issue 18: JDM's mean FID and KID over the conditions at most this times ControlNet-50's
+ACCURACY_GAP = 0.05  # ... its prompt accuracy at most this far below
+CONSISTENCY_WINS = 3  # ... and its consistency better on at least this many of the four conditions
+
+
+def seed_claims(rows: list[dict]) -> dict[str, dict]:
+    """The headline claims of JDM against ControlNet-50 on one seed's rows: each a value and whether it holds."""
+    by = {(r["method"], r["condition"]): r for r in rows}
+    conditions = [c for c in dict.fromkeys(r["condition"] for r in rows) if ("jdm", c) in by and ("controlnet-50", c) in by]
+    pairs = [(by[("jdm", c)], by[("controlnet-50", c)]) for c in conditions]
+    claims = {}
+    for key in ("fid_inception", "kid_inception", "fid_classifier", "kid_classifier"):
+        if all(key in j and key in o for j, o in pairs):
+            ratio = float(np.mean([j[key] for j, _ in pairs]) / np.mean([o[key] for _, o in pairs]))
+            claims[f"{key}_ratio"] = {"value": ratio, "target": f"<= {RATIO_TARGET}", "holds": ratio <= RATIO_TARGET}
+    gap = float(np.mean([j["prompt_accuracy"] - o["prompt_accuracy"] for j, o in pairs]))
+    claims["prompt_accuracy_gap"] = {"value": gap, "target": f">= -{ACCURACY_GAP}", "holds": gap >= -ACCURACY_GAP}
+    wins = sum(j["consistency"] < o["consistency"] for j, o in pairs)
+    claims["consistency_wins"] = {"value": wins, "target": f">= {CONSISTENCY_WINS} of {len(pairs)}",
+                                  "holds": wins >= CONSISTENCY_WINS}
+    judged = [(j, o) for j, o in pairs if "consistency_judge" in j and "consistency_judge" in o]
+    if judged:  # the same comparison where a held-out judge scores it (hed, depth): does it survive?
+        wins = sum(j["consistency_judge"] < o["consistency_judge"] for j, o in judged)
+        claims["consistency_judge_wins"] = {"value": wins, "target": f"= {len(judged)} of {len(judged)}",
+                                            "holds": wins == len(judged)}
+    return claims
+
+
+def seeds_summary(rows_by_seed: dict[int, list[dict]]) -> dict:
+    """Per cell and metric the seeds' values, mean and std (ddof 1); per claim its value on each seed and
+    on how many seeds it holds."""
+    cells: dict[str, dict] = {}
+    for seed, rows in rows_by_seed.items():
+        for r in rows:
+            cell = cells.setdefault(f"{r['method']}-{r['condition']}", {})
+            for key, *_ in SEED_KEYS:
+                if key in r:
+                    cell.setdefault(key, {"values": []})["values"].append(r[key])
+    for cell in cells.values():
+        for stats in cell.values():
+            v = np.asarray(stats["values"], dtype=float)
+            stats["mean"], stats["std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    per_seed = {seed: seed_claims(rows) for seed, rows in rows_by_seed.items()}
+    claims = {}
+    for name in next(iter(per_seed.values())):
+        claim = [per_seed[s][name] for s in rows_by_seed]
+        claims[name] = {"target": claim[0]["target"], "values": [c["value"] for c in claim],
+                        "holds_on": sum(c["holds"] for c in claim), "seeds": len(claim)}
+    return {"seeds": list(rows_by_seed), "cells": cells, "claims": claims}
+
+
+def write_seeds_report(summary: dict, methods: list[str], conditions: list[str], out: Path, profile: str) -> None:
+    """reports/seeds/table.md: mean ± std over the seeds per cell, and each claim seed by seed."""
+    header = ["method", "condition"] + [title for _, title, _, _ in SEED_KEYS]
+    cells = []
+    for method in methods:
+        for c in conditions:
+            cell = summary["cells"].get(f"{method}-{c}", {})
+            cells.append([LABELS.get(method, method), c]
+                         + [f"{fmt.format(cell[key]['mean'] * scale)} ± {fmt.format(cell[key]['std'] * scale)}"
+                            if key in cell else "-" for key, _, fmt, scale in SEED_KEYS])
+    seeds = ", ".join(map(str, summary["seeds"]))
+    lines = [f"# JDM against ControlNet-50 over {len(summary['seeds'])} training seeds ({profile})", "",
+             f"Seeds (offsets from params.yaml's seed): {seeds}. Each cell: mean ± standard deviation over the seeds "
+             "of the number `jdm evaluate` writes (each seed's own 95% intervals are in its metrics/eval files).", ""]
+    lines += _markdown_table(header, cells) + ["", "Claims (issue 18's targets), seed by seed:", ""]
+    for name, claim in summary["claims"].items():
+        values = ", ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in claim["values"])
+        lines.append(f"- {name} {claim['target']}: {values}; holds on {claim['holds_on']}/{claim['seeds']} seeds")
+    (out / "table.md").write_text("\n".join(lines) + "\n")

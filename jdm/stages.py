@@ -132,6 +132,27 @@ def run_annotator(params: Params, name: str) -> None:
         print(f"annotator {name}: {metrics}")
 
 
+def run_judge(params: Params, name: str) -> None:
+    """depth: train the second depth stand-in that scores consistency beside the conditions' own
+    (judges.py). The hed judge has no weights and so no stage."""
+    from .annotators.depth import save_depth_net, train_depth_net
+    from .errors import UserError
+    from .judges import judge_path
+
+    if name != "depth":
+        raise UserError(f"no judge to train for {name!r}; allowed: depth (the hed judge has no weights)")
+    _setup(params)
+    p = params.judges.depth
+    with stage_run(f"judge-{name}", params.profile, {"judges": {name: p.model_dump(mode="json")}}) as mlflow:
+        with atomic_dir(judge_path(MODELS, name)) as out:
+            model, metrics = train_depth_net(steps=p.steps, batch_size=p.batch_size, lr=p.lr, size=params.data.image_size,
+                                             seed=p.seed, channels=tuple(p.channels), log=_logger(mlflow))
+            save_depth_net(model, out)
+        mlflow.log_metrics(metrics)
+        write_json(metrics, METRICS / f"judge-{name}.json")
+        print(f"judge {name}: {metrics}")
+
+
 def run_conditions(params: Params, name: str) -> None:
     """Exact condition maps for (a prefix of) the train split and the whole eval split."""
     from .conditions import load_condition
@@ -533,6 +554,11 @@ def _held_out(params: Params, prepared, name: str | None = None):
     return hidden[pid], mask[pid], torch.tensor(prepared.prompt_classes)[pid], maps, (hidden[:1], mask[:1])
 
 
+def _held_out_images(params: Params, prepared) -> torch.Tensor:
+    """The real images of `_held_out`'s maps, in [0,1]."""
+    return prepared.split("eval").pixels(slice(0, params.evaluation.control_samples))
+
+
 def _feature_nets(params: Params, classifier) -> dict:
     """The feature spaces FID and KID are computed in: the classifier's, and Inception's when on."""
     from .metrics import ClassifierFeatures, InceptionFeatures
@@ -632,6 +658,7 @@ def run_evaluate(params: Params, methods: list[str], name: str) -> None:
     from .conditions import load_condition
     from .errors import UserError
     from .evaluation import generate, latency_ms, score
+    from .judges import load_judge
     from .models.teacher import build_backbone
 
     unknown = [m for m in methods if m not in METHODS]
@@ -644,6 +671,8 @@ def run_evaluate(params: Params, methods: list[str], name: str) -> None:
     backbone = build_backbone(params)
     classifier = load_classifier(ANNOTATORS / "classifier")
     spaces = _saved_spaces(params, classifier)
+    judge = load_judge(name, params, MODELS)
+    real = _held_out_images(params, prepared) if judge is not None else None
     slug = condition_slug(name)
     for method in methods:
         sampler = _method_sampler(params, method, name, backbone, null)
@@ -655,7 +684,8 @@ def run_evaluate(params: Params, methods: list[str], name: str) -> None:
             metrics = {"nfe": sampler.nfe, "sample_seconds": sample_seconds,
                        "latency_ms": latency_ms(sampler, hidden, mask, maps, params.evaluation.latency_repeats),
                        **score(samples, maps, classes, condition, classifier, spaces,
-                               resamples=params.evaluation.bootstrap_resamples, seed=params.seed)}
+                               resamples=params.evaluation.bootstrap_resamples, seed=params.seed,
+                               judge=judge, real=real)}
             mlflow.log_metrics(metrics)
             grid = image_grid(samples[:SAMPLES_SHOWN], nrow=SAMPLES_SHOWN)  # make_grid turns gray into RGB
             mlflow.log_image(grid, f"{method}_{slug}_samples.png")
@@ -690,6 +720,34 @@ def run_report(params: Params, methods: list[str], conditions: list[str], out_di
             write_report(rows, methods, [condition_slug(c) for c in conditions], pictures, SAMPLES, out, params.profile)
         mlflow.log_artifacts(str(out_dir), "report")
         print(f"report: {out_dir / 'index.html'} ({len(rows)} rows)")
+
+
+def run_seeds_report(params: Params, offsets: list[int], out_dir: Path) -> None:
+    """The headline rows (JDM, ControlNet-50) of `make run`'s seed and of each extra seed (seeds/<k>/):
+    metrics/seeds.json and reports/seeds/table.md, mean and std per cell and each claim seed by seed."""
+    from .report import seeds_summary, write_seeds_report
+
+    methods, conditions = ["jdm", "controlnet-50"], ["canny", "hed", "depth", "sr"]
+    rows_by_seed = {}
+    for offset in [0, *offsets]:
+        root = Path(".") if offset == 0 else Path("seeds") / str(offset)
+        rows = []
+        for method in methods:
+            for name in conditions:
+                path = root / METRICS / "eval" / f"{method}-{name}.json"
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path} is missing: run `dvc repro seeds/dvc.yaml` (seed offset {offset})"
+                                            if offset else f"{path} is missing: run `dvc repro` (make run) first")
+                rows.append(json.loads(path.read_text()))
+        rows_by_seed[params.seed + offset] = rows
+    summary = seeds_summary(rows_by_seed)
+    with stage_run("seeds-report", params.profile, _section(params, "evaluation")) as mlflow:
+        with atomic_dir(out_dir) as out:
+            write_seeds_report(summary, methods, conditions, out, params.profile)
+        write_json(summary, METRICS / "seeds.json")
+        mlflow.log_metrics({f"{name}_holds_on": claim["holds_on"] for name, claim in summary["claims"].items()})
+        mlflow.log_artifacts(str(out_dir), "report")
+        print((out_dir / "table.md").read_text())
 
 
 # --- Table 3: one-step text-to-image with human feedback or decoupled CFG (paper/dvc.yaml) ----------------

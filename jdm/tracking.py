@@ -1,6 +1,6 @@
 """MLflow: one run per stage, in experiment `jdm`, tagged so runs line up in the compare view.
 
-The embedded default is a SQLite store and an artifact folder inside the workspace;
+The embedded default is a SQLite store and an artifact folder at the repository's root;
 MLFLOW_TRACKING_URI points elsewhere (a team's `mlflow server`).
 """
 
@@ -20,8 +20,15 @@ import torch
 EXPERIMENT = "jdm"
 
 
+def repository_root(start: Path | None = None) -> Path:
+    """The nearest directory at or above `start` (default: the working directory) that holds `.dvc/`: a
+    stage run from a subfolder (seeds/<k>/ of seeds/dvc.yaml) records into the repository's one store."""
+    start = (start or Path.cwd()).resolve()
+    return next((d for d in (start, *start.parents) if (d / ".dvc").is_dir()), start)
+
+
 def tracking_uri(workspace: Path | None = None) -> str:
-    workspace = (workspace or Path.cwd()).resolve()
+    workspace = repository_root(workspace)
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace / 'mlflow.db'}"
 
 
@@ -82,7 +89,7 @@ def stage_run(stage: str, profile: str, params: dict, condition: str | None = No
     so the compare view lines up methods and conditions) and params; yield the mlflow module."""
     import mlflow
 
-    workspace = (workspace or Path.cwd()).resolve()
+    workspace = repository_root(workspace)
     uri = tracking_uri(workspace)
     _check_reachable(uri)
     mlflow.set_tracking_uri(uri)

@@ -81,3 +81,15 @@ def test_unreadable_params_files_are_named(tmp_path):
         load_params(tmp_path / "params.yaml")
     with pytest.raises(ParamsError, match=r"nowhere.yaml not found: run from the repository root"):
         load_params(tmp_path / "nowhere.yaml")
+
+
+def test_seed_params_move_the_seed_and_nothing_else(tmp_path):
+    from jdm.config import seed_params
+
+    text = seed_params(REPO / "profiles" / "tiny.yaml", 2)
+    assert text.startswith("# generated from tiny.yaml by `jdm seed-params 2`")
+    moved = yaml.safe_load(text)
+    assert moved == {**raw("tiny"), "seed": raw("tiny")["seed"] + 2}
+    assert parse_params(moved).seed == raw("tiny")["seed"] + 2
+    with pytest.raises(ParamsError, match=r"seed offset must be a positive integer \(got 0\)"):
+        seed_params(REPO / "profiles" / "tiny.yaml", 0)

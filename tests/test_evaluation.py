@@ -282,7 +282,7 @@ def test_report_table_summary_and_page(tmp_path):
     md = (out / "table.md").read_text()
     assert md.count("| JDM (one step) |") == 2 and "14.35 / 0.122 (NCT T1)" in md
     assert "100 samples vs 100 reference" in md and "No intervals." in md
-    assert "| 1 | 2.0 | 30.0 | - | 0.300 | - | 0.1000 | 0.50 |" in md
+    assert "| 1 | 2.0 | 30.0 | - | 0.300 | - | 0.1000 | - | 0.50 |" in md
     page = (out / "index.html").read_text()
     assert page.count("<img ") == 2 * 4 and page.count("<tr><td>") == 4
     for name in ("maps-canny", "teacher", "jdm-hed", "controlnet-50-canny"):
