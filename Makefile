@@ -51,10 +51,12 @@ seeds: install
 	dvc repro seeds/dvc.yaml
 
 test: install
+	ruff check .
 	pytest -q
 
 # the unit tests alone, for your own loop: everything but the end-to-end files (tests/test_*_e2e.py)
 test-fast: install
+	ruff check .
 	pytest -q $(addprefix --ignore=,$(wildcard tests/test_*_e2e.py))
 
 # side-by-side timings, one JSON each in benchmarks/results/ (run alone: two torch processes on two

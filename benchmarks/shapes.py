@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from jdm.conditions import load_condition
-from jdm.config import Params, load_params
+from jdm.config import Params, profile_params
 from jdm.models.backbone import Backbone
 from jdm.models.unet import build_noise_scheduler, build_unet
 from jdm.objectives import VPSchedule
@@ -40,7 +40,7 @@ class ProfileNets:
 
 
 def profile_nets(profile: str, condition: str = "canny", num: int = 256) -> ProfileNets:
-    params = load_params(Path(__file__).parent.parent / "profiles" / f"{profile}.yaml")
+    params = profile_params(profile, Path(__file__).parent.parent)
     if params.teacher.unet is None:
         raise SystemExit(f"profile {profile!r} loads a pretrained teacher ({params.teacher.pretrained}); "
                          "the benchmarks build the profile's UNet from teacher.unet (smoke, tiny)")

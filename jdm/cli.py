@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .env import set_offline_env
 
 set_offline_env()  # before any tool that might phone home is imported
 
 from .errors import UserError  # noqa: E402
-from .config import PROFILES, ParamsError, load_params, profile_path, seed_params  # noqa: E402
+from .config import (PROFILES, ParamsError, load_params, profile_params, profile_path,  # noqa: E402
+                     render_profile, seed_params)
 from .training.errors import TrainingStopped  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 STAGES = ("data", "annotator", "judge", "conditions", "teacher", "evaluate-teacher", "warmup", "extend", "controlnet",
           "reference")
@@ -22,18 +26,18 @@ BASELINES = ("di", "denoising", "implicit", "wo-warmup", "wo-modelling")
 
 def cmd_profile(args) -> None:
     """Make profile NAME the active params.yaml, refusing to overwrite edits that are in no profile."""
-    src = profile_path(args.name)
-    load_params(src)  # a profile file must itself be valid
+    profile_params(args.name)  # a profile must itself be valid
+    text = render_profile(args.name)
     dst = Path(args.params)
     if dst.is_file() and not args.force:
         current = dst.read_text()
-        if current == src.read_text():
+        if current == text:
             print(f"{dst} is already profile {args.name}")
             return
-        if not any(profile_path(n).is_file() and profile_path(n).read_text() == current for n in PROFILES):
+        if not any(profile_path(n).is_file() and render_profile(n) == current for n in PROFILES):
             raise ParamsError(f"{dst} has edits that are in no profile file; they would be lost. "
                               f"Save them, or rerun with --force (make run FORCE=1)")
-    shutil.copyfile(src, dst)
+    dst.write_text(text)
     print(f"{dst} is now profile {args.name}")
 
 

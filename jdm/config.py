@@ -1,8 +1,9 @@
 """`params.yaml`: one schema, checked in whole before any stage does work.
 
 `params.yaml` is namespaced by stage (as DVC expects): each stage reads its own section and
-declares it in `dvc.yaml`. A profile (`smoke`, `tiny`, `sd15`) is a complete params file in
-`profiles/`; the committed `params.yaml` is the embedded default, `tiny`.
+declares it in `dvc.yaml`. A profile (`smoke`, `tiny`, `sd15`) lives in `profiles/`: `tiny.yaml` is
+complete, `smoke.yaml` and `sd15.yaml` are overlays on it; `jdm profile` renders one into `params.yaml`,
+and the committed `params.yaml` is the embedded default, `tiny`.
 """
 
 from __future__ import annotations
@@ -379,10 +380,42 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     return parse_params(raw, str(path))
 
 
-def profile_path(name: str) -> Path:
+BASE_PROFILE = "tiny"  # profiles/tiny.yaml is complete; the other profiles are overlays on it
+
+
+def profile_path(name: str, root: str | os.PathLike = ".") -> Path:
     if name not in PROFILES:
         raise ParamsError(f"unknown profile {name!r}; available profiles: {', '.join(PROFILES)}")
-    return Path("profiles") / f"{name}.yaml"
+    return Path(root) / "profiles" / f"{name}.yaml"
+
+
+def _merge(base: dict, overlay: dict) -> dict:
+    """`base` with `overlay`'s values: mappings merge key by key, anything else (lists too) replaces."""
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def render_profile(name: str, root: str | os.PathLike = ".") -> str:
+    """The params file of profile `name`: profiles/tiny.yaml as it is, or tiny with the overlay
+    profiles/<name>.yaml merged in (only what differs is in an overlay)."""
+    base = profile_path(BASE_PROFILE, root)
+    if name == BASE_PROFILE:
+        return base.read_text()
+    path = profile_path(name, root)
+    try:
+        overlay = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    merged = _merge(yaml.safe_load(base.read_text()), overlay or {})
+    return (f"# profile {name}: profiles/{BASE_PROFILE}.yaml with the overlay profiles/{name}.yaml, rendered by "
+            f"`jdm profile {name}`; the comments are in those two files\n" + yaml.safe_dump(merged, sort_keys=False))
+
+
+def profile_params(name: str, root: str | os.PathLike = ".") -> Params:
+    """The validated params of profile `name` (see `render_profile`)."""
+    return parse_params(yaml.safe_load(render_profile(name, root)), f"profile {name} ({profile_path(name, root)})")
 
 
 def seed_params(path: str | os.PathLike, offset: int) -> str:

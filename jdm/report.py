@@ -36,7 +36,8 @@ COLUMNS = [("nfe", "NFE", "{:.0f}", 1), ("latency_ms", "latency ms/img", "{:.1f}
            ("consistency_judge", "consistency, held-out judge", "{:.4f}", 1),
            ("prompt_accuracy", "prompt acc.", "{:.2f}", 1)]
 # lower is better; the headline compares JDM with each method on these
-COMPARED = [("consistency", "consistency"), ("consistency_judge", "consistency (held-out judge)"), ("fid_inception", "FID (inception)"), ("kid_inception", "KID (inception)"),
+COMPARED = [("consistency", "consistency"), ("consistency_judge", "consistency (held-out judge)"),
+            ("fid_inception", "FID (inception)"), ("kid_inception", "KID (inception)"),
             ("fid_classifier", "FID (classifier)"), ("kid_classifier", "KID (classifier)")]
 
 
@@ -160,7 +161,8 @@ def _page(title: str, heading: str, note: str, table: list[str], headline: list[
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} #results td:nth-child(-n+2){{text-align:left}} .grid img{{image-rendering:pixelated;height:64px}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} #results td:nth-child(-n+2){{text-align:left}}
+.grid img{{image-rendering:pixelated;height:64px}}
 .grid th{{text-align:left;font-weight:normal}}</style></head>
 <body><h1>{esc(heading)}</h1>
 <p>{esc(note)}</p>

@@ -34,7 +34,8 @@ def tracking_uri(workspace: Path | None = None) -> str:
 
 def git_commit(workspace: Path | None = None) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace or Path.cwd(), capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace or Path.cwd(), capture_output=True, text=True,
+                             timeout=10)
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
@@ -47,7 +48,8 @@ def _check_reachable(uri: str) -> None:
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).read()
     except (urllib.error.URLError, OSError) as err:
-        raise ConnectionError(f"MLflow tracking server {uri} is unreachable ({err}); start it or unset MLFLOW_TRACKING_URI") from None
+        raise ConnectionError(f"MLflow tracking server {uri} is unreachable ({err}); "
+                              "start it or unset MLFLOW_TRACKING_URI") from None
 
 
 def _check_artifact_store(mlflow, params: dict) -> None:

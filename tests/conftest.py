@@ -21,8 +21,8 @@ def _threads():
 
 @pytest.fixture
 def smoke_params():
-    from jdm.config import load_params
-    return load_params(REPO / "profiles" / "smoke.yaml")
+    from jdm.config import profile_params
+    return profile_params("smoke", REPO)
 
 
 @pytest.fixture

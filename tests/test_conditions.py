@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from jdm.conditions import BUILTIN, Condition, load_condition, resolve_condition_class
+from jdm.conditions import BUILTIN, load_condition, resolve_condition_class
 from jdm.data import read_fashion_mnist, resize_images
 from jdm.errors import UserError
 

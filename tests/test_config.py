@@ -3,18 +3,35 @@ import subprocess
 import pytest
 import yaml
 
-from jdm.config import PROFILES, ParamsError, load_params, parse_params
+from jdm.config import PROFILES, ParamsError, load_params, parse_params, profile_params, render_profile
 
 from .conftest import REPO
 
 
 def raw(profile="tiny"):
-    return yaml.safe_load((REPO / "profiles" / f"{profile}.yaml").read_text())
+    return yaml.safe_load(render_profile(profile, REPO))
 
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_profile_is_valid(profile):
-    assert load_params(REPO / "profiles" / f"{profile}.yaml").profile == profile
+    assert profile_params(profile, REPO).profile == profile
+
+
+def test_an_overlay_holds_only_what_differs_from_the_base(tmp_path):
+    base = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())
+    for name in ("smoke", "sd15"):
+        overlay = yaml.safe_load((REPO / "profiles" / f"{name}.yaml").read_text())
+
+        def same_as_base(over, under):
+            return [k for k, v in over.items() if k in under and (same_as_base(v, under[k]) if isinstance(v, dict)
+                                                                   else v == under[k]) and k != "profile"]
+        assert not same_as_base(overlay, base), name
+    # an overlay's typo is named like any params file's
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "tiny.yaml").write_text((REPO / "profiles" / "tiny.yaml").read_text())
+    (tmp_path / "profiles" / "smoke.yaml").write_text("profile: smoke\nteacher:\n  stepz: 3\n")
+    with pytest.raises(ParamsError, match="teacher.stepz: unknown key"):
+        profile_params("smoke", tmp_path)
 
 
 def test_committed_params_is_the_embedded_default():
@@ -63,7 +80,8 @@ def test_profile_switch_keeps_user_edits(tmp_path):
     for p in PROFILES:
         (tmp_path / "profiles" / f"{p}.yaml").write_text((REPO / "profiles" / f"{p}.yaml").read_text())
     params = tmp_path / "params.yaml"
-    run = lambda *a: subprocess.run(["jdm", "profile", *a], cwd=tmp_path, capture_output=True, text=True)
+    def run(*args):
+        return subprocess.run(["jdm", "profile", *args], cwd=tmp_path, capture_output=True, text=True)
     assert run("smoke").returncode == 0 and load_params(params).profile == "smoke"
     assert run("tiny").returncode == 0 and load_params(params).profile == "tiny"
     edited = params.read_text().replace("seed: 0", "seed: 7")

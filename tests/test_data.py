@@ -26,7 +26,7 @@ def test_prompts_cover_every_class_and_the_empty_prompt():
     assert len(prompts) == 21 and prompts[classes.index(7)] == "a photo of a sneaker"
     labels = torch.arange(10).repeat(50)
     pid = data.assign_prompts(labels, 2, torch.Generator().manual_seed(0))
-    assert all(classes[p] == l for p, l in zip(pid.tolist(), labels.tolist()))
+    assert all(classes[p] == label for p, label in zip(pid.tolist(), labels.tolist()))
     assert len(set(pid.tolist())) == 20
 
 

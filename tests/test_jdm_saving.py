@@ -5,7 +5,6 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from jdm.conditions import load_condition
 from jdm.errors import UserError
 from jdm.models.backbone import Backbone
 from jdm.models.fake_score import build_fake_score, load_fake_score, save_fake_score

@@ -3,7 +3,6 @@ applied, an MLflow server, on free loopback ports; then `prefect deployment run 
 as a user types it. Everything started is stopped by PID at the end."""
 
 import json
-import os
 import re
 import subprocess
 import sys
