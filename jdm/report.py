@@ -267,8 +267,11 @@ def seed_claims(rows: list[dict]) -> dict[str, dict]:
     claims = {}
     for key in ("fid_inception", "kid_inception", "fid_classifier", "kid_classifier"):
         if all(key in j and key in o for j, o in pairs):
-            ratio = float(np.mean([j[key] for j, _ in pairs]) / np.mean([o[key] for _, o in pairs]))
-            claims[f"{key}_ratio"] = {"value": ratio, "target": f"<= {RATIO_TARGET}", "holds": ratio <= RATIO_TARGET}
+            mine, theirs = float(np.mean([j[key] for j, _ in pairs])), float(np.mean([o[key] for _, o in pairs]))
+            # KID is unbiased, so a mean near 0 can be negative: no ratio then, and the claim is compared
+            # without dividing (JDM's mean at most RATIO_TARGET times ControlNet-50's)
+            claims[f"{key}_ratio"] = {"value": mine / theirs if theirs > 0 else None, "target": f"<= {RATIO_TARGET}",
+                                      "holds": mine <= RATIO_TARGET * theirs}
     gap = float(np.mean([j["prompt_accuracy"] - o["prompt_accuracy"] for j, o in pairs]))
     claims["prompt_accuracy_gap"] = {"value": gap, "target": f">= -{ACCURACY_GAP}", "holds": gap >= -ACCURACY_GAP}
     wins = sum(j["consistency"] < o["consistency"] for j, o in pairs)
@@ -321,6 +324,7 @@ def write_seeds_report(summary: dict, methods: list[str], conditions: list[str],
              "of the number `jdm evaluate` writes (each seed's own 95% intervals are in its metrics/eval files).", ""]
     lines += _markdown_table(header, cells) + ["", "Claims (issue 18's targets), seed by seed:", ""]
     for name, claim in summary["claims"].items():
-        values = ", ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in claim["values"])
+        values = ", ".join("undefined (ControlNet-50's mean <= 0)" if v is None else f"{v:.3f}" if isinstance(v, float)
+                           else str(v) for v in claim["values"])
         lines.append(f"- {name} {claim['target']}: {values}; holds on {claim['holds_on']}/{claim['seeds']} seeds")
     (out / "table.md").write_text("\n".join(lines) + "\n")

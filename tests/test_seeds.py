@@ -70,3 +70,18 @@ def test_seeds_summary_gives_mean_std_and_the_claims_seed_by_seed(tmp_path):
     md = (tmp_path / "table.md").read_text()
     assert "| JDM (one step) | canny | 27.0 ± 4.2 |" in md
     assert "- fid_inception_ratio <= 1.3: 1.200, 1.500; holds on 1/2 seeds" in md
+
+
+def test_a_kid_claim_needs_no_ratio_when_controlnets_kid_is_not_positive(tmp_path):
+    """KID is unbiased, so near 0 it can be negative: no ratio then, and a positive KID of JDM's is not
+    "at most 1.3x" a negative one."""
+    rows_by_seed = {}
+    for seed, theirs in ((0, 0.05), (1, -0.001)):
+        rows_by_seed[seed] = [{**row(m, "canny", 20.0, 0.2, 1), "kid_inception": 0.05 if m == "jdm" else theirs}
+                              for m in ("jdm", "controlnet-50")]
+    summary = seeds_summary(rows_by_seed)
+    kid = summary["claims"]["kid_inception_ratio"]
+    assert kid["values"] == [1.0, None] and kid["holds_on"] == 1
+    write_seeds_report(summary, ["jdm", "controlnet-50"], ["canny"], tmp_path, "tiny")
+    assert "kid_inception_ratio <= 1.3: 1.000, undefined (ControlNet-50's mean <= 0); holds on 1/2 seeds" in \
+        (tmp_path / "table.md").read_text()
