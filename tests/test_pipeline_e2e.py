@@ -11,7 +11,7 @@ import pytest
 
 from .conftest import params_file, run
 
-STAGE_RUNS = {"data", "annotator-hed", "annotator-depth", "annotator-classifier", "conditions", "teacher",
+STAGE_RUNS = {"data", "annotator-hed", "annotator-depth", "annotator-classifier", "judge-depth", "conditions", "teacher",
               "evaluate-teacher", "warmup", "extend", "controlnet-50", "reference", "evaluate", "report"}
 
 
@@ -23,7 +23,8 @@ def test_smoke_pipeline_end_to_end(smoke_workspace):
 
     for path in ["data/prepared/train.safetensors", "data/prepared/embeddings.safetensors",
                  "models/annotators/hed/hed.safetensors", "models/annotators/depth/depth.safetensors",
-                 "models/annotators/classifier/classifier.safetensors", "models/teacher/unet/config.json",
+                 "models/annotators/classifier/classifier.safetensors", "models/judges/depth/depth.safetensors",
+                 "models/teacher/unet/config.json",
                  "models/teacher/unet/diffusion_pytorch_model.safetensors", "models/teacher/scheduler/scheduler_config.json",
                  *[f"data/conditions/{c}/maps.safetensors" for c in ("canny", "hed", "depth", "sr")],
                  "models/jdm/generator/unet/diffusion_pytorch_model.safetensors", "models/jdm/generator/jdm.json",

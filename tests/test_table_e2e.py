@@ -60,6 +60,8 @@ def test_table_in_dvc_metrics_mlflow_and_report(smoke_workspace, tmp_path):
             assert row["num_samples"] == 16 and row["num_reference"] == 16
             assert row["nfe"] == (1 if method == "jdm" else 4)  # smoke samples ControlNet with 4 steps
             assert "fid_inception" not in row and row["fid_classifier"] > 0 and 0 <= row["consistency"] <= 1
+            # a held-out judge where the extractor is the network JDM trains against, and only there
+            assert ("consistency_judge" in row) == (c in ("hed", "depth")), (method, c)
     # one step against a multi-step sampler with CFG, timed the same way
     for c in CONDITIONS:
         assert files[f"metrics/eval/jdm-{c}.json"]["latency_ms"] < files[f"metrics/eval/controlnet-50-{c}.json"]["latency_ms"]
