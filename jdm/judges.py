@@ -62,9 +62,6 @@ class NetworkJudge:
         return self.network(images.float().clamp(0, 1)).clamp(0, 1)
 
 
-JUDGED = ("hed", "depth")  # the conditions whose consistency extractor is also the one JDM trains against
-
-
 def judge_path(models_dir: Path, condition: str) -> Path:
     return Path(models_dir) / "judges" / condition
 
