@@ -63,10 +63,15 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Write tensors as safetensors, atomically (the only weight format the project writes)."""
+    """Write tensors as safetensors, atomically (the only weight format the project writes).
+
+    The same tensors and metadata give the same bytes in every process, so DVC sees an unchanged output
+    as unchanged: safetensors writes its metadata map in a per-process random order (a Rust HashMap), so
+    the metadata goes in as one key, `jdm`, holding sorted JSON.
+    """
     with atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
+                  metadata={"jdm": json.dumps(metadata, sort_keys=True)} if metadata else None)
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -25,3 +28,18 @@ def test_success_replaces_the_output(tmp_path):
             save_tensors({"x": torch.full((2,), value)}, d / "a.safetensors")
     assert load_tensors(out / "a.safetensors")["x"].tolist() == [2.0, 2.0]
     assert oct(out.stat().st_mode & 0o777) != oct(0o700)
+
+
+def test_saved_bytes_do_not_depend_on_the_process(tmp_path):
+    """DVC hashes outputs: an unchanged tensor file must not change bytes from one process to the next
+    (safetensors alone writes its metadata in a per-process random order)."""
+    script = ("import sys, torch; from jdm.io import save_tensors; "
+              "save_tensors({'b': torch.ones(3), 'a': torch.zeros(2)}, sys.argv[1], "
+              "metadata={'condition': 'hed', 'channels': 1, 'source': 'x', 'model': 'y', 'size': 8})")
+    written = []
+    for i in range(4):
+        path = tmp_path / f"{i}.safetensors"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+        written.append(path.read_bytes())
+    assert all(b == written[0] for b in written)
+    assert load_tensors(tmp_path / "0.safetensors")["b"].tolist() == [1.0, 1.0, 1.0]
