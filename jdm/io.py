@@ -71,7 +71,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta
     """
     with atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"jdm": json.dumps(metadata, sort_keys=True)} if metadata else None)
+                  metadata={"jdm": json.dumps(metadata, sort_keys=True)} if metadata else {})
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
