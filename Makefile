@@ -50,14 +50,15 @@ seeds: install
 	jdm profile $(PROFILE) $(if $(FORCE),--force)
 	dvc repro seeds/dvc.yaml
 
+# everything, what CI runs (.ci/run): tests/unit, then tests/e2e (pyproject's testpaths)
 test: install
 	ruff check .
 	pytest -q
 
-# the unit tests alone, for your own loop: everything but the end-to-end files (tests/test_*_e2e.py)
+# the unit tests alone (tests/unit, under 3 minutes), for your own loop; `make test` adds tests/e2e
 test-fast: install
 	ruff check .
-	pytest -q $(addprefix --ignore=,$(wildcard tests/test_*_e2e.py))
+	pytest -q tests/unit
 
 # side-by-side timings, one JSON each in benchmarks/results/ (run alone: two torch processes on two
 # cores slow each other down by 4-40x). BENCH_PIPELINE=tiny times the main pipeline fresh (~1 h).

@@ -26,7 +26,7 @@ import json
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -173,8 +173,7 @@ def build_steps(nets, batch: int, fake_steps: int, g: torch.Generator, timer: Pa
         timer.wrap("fake_score/consistency", fake)
         timer.wrap("teacher", teacher)
     players = unet_players(generator, teacher, fake, nets.condition, nets.data, nets.backbone, g)
-    settings = JDMSettings(condition_weight=p.condition_weight, condition_t_max=p.condition_t_max, t_min=p.t_min,
-                           t_max=p.t_max, fake_steps=fake_steps, consistency_steps=p.consistency_steps)
+    settings = replace(JDMSettings.from_params(p), fake_steps=fake_steps)
     trainer = JDMTrainer(players, nets.schedule, settings,
                          generator_optimizer=torch.optim.AdamW([q for q in generator.parameters() if q.requires_grad], lr=1e-5),
                          fake_optimizer=torch.optim.AdamW(base_parameters(fake), lr=1e-5),

@@ -140,7 +140,7 @@ def _override_params(ws: Path, condition: str, steps: int) -> Path:
 @task
 def check_variant(variant: str) -> None:
     """Fail before any training: an unknown variant lists the available ones."""
-    from jdm.training.phases import TEXT_TO_IMAGE_VARIANTS
+    from jdm.variants import TEXT_TO_IMAGE_VARIANTS
 
     if variant not in TEXT_TO_IMAGE_VARIANTS:
         raise ValueError(f"unknown text-to-image variant {variant!r}; available: {', '.join(TEXT_TO_IMAGE_VARIANTS)}")

@@ -15,13 +15,13 @@ from .errors import UserError  # noqa: E402
 from .config import (PROFILES, ParamsError, load_params, profile_params, profile_path,  # noqa: E402
                      render_profile, seed_params)
 from .training.errors import TrainingStopped  # noqa: E402
+from .variants import TRAINED_BASELINES  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
 
 STAGES = ("data", "annotator", "judge", "conditions", "teacher", "evaluate-teacher", "warmup", "extend", "controlnet",
           "reference")
-BASELINES = ("di", "denoising", "implicit", "wo-warmup", "wo-modelling")
 
 
 def cmd_profile(args) -> None:
@@ -51,51 +51,52 @@ def cmd_seed_params(args) -> None:
 
 
 def cmd_stage(args) -> None:
-    from . import stages
+    from .stages import baselines, evaluation, foundation, phases, report, teacher, text_to_image
+    from .variants import TEXT_ROWS, variant_phase
 
     params = load_params(args.params)
     if args.command == "data":
-        stages.run_data(params)
+        foundation.run_data(params)
     elif args.command == "annotator":
-        stages.run_annotator(params, args.name)
+        foundation.run_annotator(params, args.name)
     elif args.command == "judge":
-        stages.run_judge(params, args.name)
+        foundation.run_judge(params, args.name)
     elif args.command == "conditions":
         from .conditions import resolve_condition_class
         resolve_condition_class(args.name)  # an unknown name fails before any work
-        stages.run_conditions(params, args.name)
+        foundation.run_conditions(params, args.name)
     elif args.command == "teacher":
-        stages.run_teacher(params)
+        teacher.run_teacher(params)
     elif args.command == "evaluate-teacher":
-        stages.run_evaluate_teacher(params)
+        evaluation.run_evaluate_teacher(params)
     elif args.command == "reference":
-        stages.run_reference(params)
+        evaluation.run_reference(params)
     elif args.command == "report":
-        stages.run_report(params, args.methods.split(","), args.conditions.split(","), Path(args.out))
+        report.run_report(params, args.methods.split(","), args.conditions.split(","), Path(args.out))
     elif args.command == "reward":
-        stages.run_reward(params, args.which)
+        text_to_image.run_reward(params, args.which)
     elif args.command == "seeds-report":
-        stages.run_seeds_report(params, [int(k) for k in args.seeds.split(",")], Path(args.out))
+        report.run_seeds_report(params, [int(k) for k in args.seeds.split(",")], Path(args.out))
     elif args.command == "guide":
-        stages.run_guide(params)
+        text_to_image.run_guide(params)
     elif args.command == "text-to-image":
-        stages.run_text_to_image(params, args.variant)
+        text_to_image.run_text_to_image(params, args.variant)
     elif args.command == "evaluate-text-to-image":
-        stages.run_evaluate_text_to_image(params, args.methods.split(",") if args.methods else list(stages.TEXT_ROWS))
+        text_to_image.run_evaluate_text_to_image(params, args.methods.split(",") if args.methods else list(TEXT_ROWS))
     else:
         from .conditions import resolve_condition_class
         name = getattr(args, "name", None) or params.warmup.condition
         resolve_condition_class(name)  # an unknown name fails before any work
         if args.command in ("warmup", "extend"):
-            stages.run_jdm_phase(params, name, args.command)
+            phases.run_jdm_phase(params, name, args.command)
         elif args.command == "controlnet":
-            stages.run_controlnet_baseline(params, name, "controlnet-50")
+            baselines.run_controlnet_baseline(params, name, "controlnet-50")
         elif args.command == "evaluate":
-            stages.run_evaluate(params, args.methods.split(","), name)
+            evaluation.run_evaluate(params, args.methods.split(","), name)
         elif args.method == "denoising":
-            stages.run_controlnet_baseline(params, name, "denoising")
+            baselines.run_controlnet_baseline(params, name, "denoising")
         else:
-            stages.run_jdm_phase(params, name, stages.variant_phase(params, args.method, name), args.method)
+            phases.run_jdm_phase(params, name, variant_phase(args.method, name, params.warmup.condition), args.method)
 
 
 def _read_control(path: str) -> "torch.Tensor":
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("name", help="a built-in condition or a plugin 'package.module:Class'")
         p.set_defaults(func=cmd_stage)
     p = sub.add_parser("baseline", help="train a baseline or ablation of the paper table (paper/dvc.yaml calls this)")
-    p.add_argument("method", choices=BASELINES)
+    p.add_argument("method", choices=TRAINED_BASELINES)
     p.add_argument("name", nargs="?", help="the condition (default warmup.condition: di's and wo-modelling's own warm-up)")
     p.set_defaults(func=cmd_stage)
     p = sub.add_parser("evaluate", help="score methods on one condition for the comparison table")

@@ -179,7 +179,9 @@ class JDMParams(Section):
     t_gen: int = Field(950, ge=1)
     lora_rank: PositiveInt = 8
     condition_weight: float = Field(1.0, ge=0.0)
-    # the condition term only for t <= condition_t_max * T (method.md: it diverges at high t); null = all t
+    # the condition term only for t <= condition_t_max * T (method.md: it diverges at high t); null = all t.
+    # On the analytic test (cosine schedule) 0.5 T kept only the 2 modes farthest from the condition
+    # boundary; 0.2 T covered all 4
     condition_t_max: Optional[float] = Field(0.2, gt=0.0, le=1.0)
     condition_on_x: bool = False          # ablation: grad log p(c | x) on the output, not via f(x_t, t)
     # CFG scale of the real score (the teacher) in every one-step student's fidelity term; 1 = unguided.
@@ -280,7 +282,7 @@ class TextToImageParams(Section):
 class CheckpointParams(Section):
     """Every training stage (teacher, ControlNets, both JDM phases) saves its whole state every `every`
     steps and keeps the newest `keep` files; a rerun resumes. Not a DVC param of any stage: where and
-    how often a run is saved changes no result (tests/test_pipeline_e2e.py kills and resumes a stage
+    how often a run is saved changes no result (tests/e2e/test_pipeline_e2e.py kills and resumes a stage
     and gets the uninterrupted weights bit for bit), so changing it reruns nothing."""
     every: PositiveInt = 50
     keep: PositiveInt = 2

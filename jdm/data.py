@@ -41,7 +41,8 @@ def read_fashion_mnist(root: str | Path, split: str) -> tuple[torch.Tensor, torc
     if missing:
         raise FileNotFoundError(
             f"Fashion-MNIST not found: missing {', '.join(missing)}. Install Debian's package "
-            f"(`apt-get install dataset-fashion-mnist`) or set data.root to a folder holding {', '.join(n for n in IDX_FILES[split])}")
+            f"(`apt-get install dataset-fashion-mnist`) or set data.root to a folder holding "
+            f"{', '.join(n for n in IDX_FILES[split])}")
     images, labels = (_read_idx(f) for f in files)
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 

@@ -108,7 +108,8 @@ class GeneratorTerms:
 
 
 def generator_loss(x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, schedule: VPSchedule, *,
-                   real_eps: EpsFn, fake_eps: EpsFn, condition: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                   real_eps: EpsFn, fake_eps: EpsFn,
+                   condition: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                    condition_weight: float = 1.0, condition_t_max: int | None = None,
                    condition_on_x: bool = False) -> GeneratorTerms:
     """The JDM generator update (method.md, 'in practice').

@@ -5,11 +5,13 @@ control, then each method's samples for the same maps and prompts)."""
 from __future__ import annotations
 
 import html
-import shutil
+import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .variants import LABELS, TEXT_LABELS
 
 # SD 1.5 at 512 px, FID / consistency. NCT (arXiv 2506.19741, Table 1) re-implements JDM and the
 # DI+ControlNet baseline beside 50-step ControlNet; the JDM paper (arXiv 2503.06652) gives its
@@ -24,10 +26,6 @@ PAPER = {
     ("denoising", "canny"): (28.83, 0.109, "JDM Sec. 4.2"), ("denoising", "depth"): (35.14, 0.094, "JDM Sec. 4.2"),
     ("implicit", "canny"): (22.87, 0.151, "JDM Sec. 4.2"), ("implicit", "depth"): (22.34, 0.150, "JDM Sec. 4.2"),
 }
-LABELS = {"jdm": "JDM (one step)", "controlnet-50": "ControlNet (DM), multi-step + CFG",
-          "di-controlnet": "DI + teacher's ControlNet", "denoising": "ControlNet via denoising (Eq. 11)",
-          "implicit": "implicit ControlNet, plain VSD (Eq. 12)", "wo-warmup": "JDM w/o warm-up (DI generator)",
-          "wo-modelling": "JDM w/o modelling log p(c|x_t)"}
 # (key, title, format, scale): a key with `_low` and `_high` beside it shows its 95% interval, "12.3 [10.1, 14.8]"
 COLUMNS = [("nfe", "NFE", "{:.0f}", 1), ("latency_ms", "latency ms/img", "{:.1f}", 1),
            ("fid_inception", "FID Inception", "{:.1f}", 1), ("kid_inception", "KID Inception x1e3", "{:.1f}", 1e3),
@@ -101,6 +99,14 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _sample_link(samples_dir: Path, out: Path, name: str) -> str:
+    """A page's link to a sample grid where the evaluate stage wrote it, so the repository holds one copy
+    of each picture (`out` may be the temporary folder beside the page's final place: same parent, same link)."""
+    if not (samples_dir / name).is_file():
+        raise FileNotFoundError(f"{samples_dir / name} is missing: run the evaluate stage that writes it")
+    return Path(os.path.relpath((samples_dir / name).resolve(), out.resolve())).as_posix()
+
+
 def write_report(rows: list[dict], methods: list[str], conditions: list[str], pictures: dict[str, np.ndarray],
                  samples_dir: Path, out: Path, profile: str) -> None:
     counts = sorted({(r.get("num_samples"), r.get("num_reference")) for r in rows}, key=str)
@@ -116,9 +122,6 @@ def write_report(rows: list[dict], methods: list[str], conditions: list[str], pi
 
     for name, grid in pictures.items():
         Image.fromarray(grid).save(out / f"{name}.png")
-    for method in methods:
-        for c in conditions:
-            shutil.copyfile(samples_dir / f"{method}-{c}.png", out / f"{method}-{c}.png")
 
     esc = html.escape
     table = _html_table(HEADER, cells)
@@ -126,7 +129,7 @@ def write_report(rows: list[dict], methods: list[str], conditions: list[str], pi
     for c in conditions:
         figure = [f"<h3>{esc(c)}</h3><table class='grid'>"]
         for label, src in ([("control map", f"maps-{c}.png"), ("teacher, no control", "teacher.png")]
-                           + [(LABELS.get(m, m), f"{m}-{c}.png") for m in methods]):
+                           + [(LABELS.get(m, m), _sample_link(samples_dir, out, f"{m}-{c}.png")) for m in methods]):
             figure.append(f"<tr><th>{esc(label)}</th><td><img src='{esc(src)}' alt='{esc(label)} {esc(c)}'></td></tr>")
         figure.append("</table>")
         grids.append("".join(figure))
@@ -189,9 +192,6 @@ window.addEventListener("load", () => {{
 PAPER_TEXT = {"teacher": (25.50, 5.49, 33.03, "SD 1.5, 25 steps"), "di": (26.35, 5.71, 32.08, "Diff-Instruct"),
               "coupled-cfg": (23.53, 5.82, 30.92, "DMD2"), "hfl": (29.46, 5.89, 33.75, "JDM w/ HFL"),
               "decoupled-cfg": (29.75, 5.90, 33.97, "JDM w/ better CFG")}
-TEXT_LABELS = {"teacher": "teacher, multi-step + CFG", "di": "Diff-Instruct (DI)",
-               "coupled-cfg": "coupled CFG (in the real score, DMD-style)", "hfl": "JDM w/ HFL (reward via f(x_t, t))",
-               "decoupled-cfg": "JDM w/ decoupled CFG (stronger guide)", "hfl-on-x": "HFL on x (Fig. 6 ablation)"}
 TEXT_COLUMNS = [("nfe", "NFE", "{:.0f}", 1), ("latency_ms", "latency ms/img", "{:.1f}", 1),
                 ("reward_heldout", "held-out reward (HPS stand-in)", "{:.3f}", 1),
                 ("reward_train", "training reward", "{:.3f}", 1),
@@ -237,9 +237,9 @@ def write_text_to_image_report(rows: list[dict], samples_dir: Path, out: Path, p
                                             + [f"- {h}" for h in headline]) + "\n")
     grids = ["<table class='grid'>"]
     for r in rows:
-        shutil.copyfile(samples_dir / f"{r['method']}-text.png", out / f"{r['method']}-text.png")
         label = TEXT_LABELS.get(r["method"], r["method"])
-        grids.append(f"<tr><th>{esc(label)}</th><td><img src='{esc(r['method'])}-text.png' alt='{esc(label)}'></td></tr>")
+        src = _sample_link(samples_dir, out, f"{r['method']}-text.png")
+        grids.append(f"<tr><th>{esc(label)}</th><td><img src='{esc(src)}' alt='{esc(label)}'></td></tr>")
     grids.append("</table>")
     (out / "index.html").write_text(_page(f"One-step text-to-image ({profile})",
                                           f"JDM: human feedback and decoupled CFG, one step ({profile})", note,

@@ -37,7 +37,8 @@ def resolve_condition_class(name: str) -> type[Condition]:
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # any import failure of user code is reported the same way
-        raise UserError(f"condition plugin {name!r}: module {module_name!r} does not import ({type(err).__name__}: {err})") from err
+        raise UserError(f"condition plugin {name!r}: module {module_name!r} does not import "
+                        f"({type(err).__name__}: {err})") from err
     cls = getattr(module, attr, None)
     if cls is None:
         raise UserError(f"condition plugin {name!r}: module {module_name!r} has no attribute {attr!r}")

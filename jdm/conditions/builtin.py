@@ -103,7 +103,8 @@ class Depth(_NetworkCondition):
 
     @staticmethod
     def load_network(source: str, path):
-        from ..annotators.depth import load_controlnet_aux_midas, load_depth_net
+        from ..annotators.depth import load_depth_net
+        from ..annotators.midas import load_controlnet_aux_midas
         return load_controlnet_aux_midas(path) if source == "controlnet-aux" else load_depth_net(path)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import torch
 from diffusers import UNet2DConditionModel
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file

@@ -12,7 +12,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 ADAPTER = "consistency"
 
 
-def add_consistency_lora(model: torch.nn.Module, rank: int, target_modules: list[str], alpha: int | None = None) -> list[torch.nn.Parameter]:
+def add_consistency_lora(model: torch.nn.Module, rank: int, target_modules: list[str],
+                         alpha: int | None = None) -> list[torch.nn.Parameter]:
     """Inject a zero-initialised LoRA (peft), left switched off (the model is the fake score); return its parameters."""
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=target_modules, init_lora_weights=True)
     if hasattr(model, "add_adapter"):  # diffusers models

@@ -18,21 +18,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..io import atomic_file
-from .errors import CheckpointWriteFailed, TrainingDiverged, TrainingStopped
+from .errors import CheckpointWriteFailed, TrainingStopped
 
 FILE = re.compile(r"step-(\d+)\.safetensors$")
 META_KEY = "jdm_checkpoint"
@@ -222,48 +221,7 @@ def restore_agreed(checkpointer: Checkpointer, accelerator=None) -> int:
     return step
 
 
-def run_steps(checkpointer: Checkpointer | None, steps: int, step_fn: Callable[[int], None],
-              accelerator=None) -> int:
-    """Resume, then run `step_fn(step)` up to `steps`, checkpointing every `checkpointer.every` steps
-    (None: no checkpoints, e.g. a library call in a test); return the step resumed from. A non-finite
-    loss or gradient (FloatingPointError from `step_fn`) stops training with the step, the value and
-    the last good checkpoint named."""
-    start = restore_agreed(checkpointer, accelerator) if checkpointer is not None else 0
-    if start:
-        print(f"resumed from the checkpoint of step {start} in {checkpointer.directory}", flush=True)
-    for step in range(start + 1, steps + 1):
-        try:
-            step_fn(step)
-        except FloatingPointError as err:
-            kept = checkpointer.kept() if checkpointer is not None else "checkpoints are off"
-            raise TrainingDiverged(f"training diverged at step {step}: {err}; {kept}") from None
-        if checkpointer is not None and checkpointer.maybe_save(step) and accelerator is not None:
-            accelerator.wait_for_everyone()
-    return start
-
-
-def check_finite(loss: torch.Tensor, params, what: str) -> float:
-    """Raise FloatingPointError when the loss or the gradient of `params` is NaN/Inf; return the
-    gradient norm (logged: a norm that grows warns before it overflows)."""
-    value = loss.item()
-    if not math.isfinite(value):
-        raise FloatingPointError(f"{what} loss is {value}")
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
-    if not math.isfinite(norm):
-        raise FloatingPointError(f"{what} gradient norm is {norm} (loss {value:.6g})")
-    return norm
-
-
-def check_trainable_fp32(params, what: str) -> None:
-    """Mixed precision computes in bf16/fp16 but updates fp32 master weights (accelerate autocasts);
-    a trainable weight in half precision would lose small updates, so it is refused."""
-    bad = {p.dtype for p in params if p.requires_grad and p.dtype != torch.float32}
-    if bad:
-        raise ValueError(f"{what} has trainable weights in {sorted(map(str, bad))}; trainable weights must be "
-                         f"torch.float32 (mixed precision is autocast, set by accelerate's mixed_precision)")
-
-
 def remove_checkpoint(directory: str | os.PathLike) -> None:
     """After the stage's outputs are saved the checkpoint has served its purpose."""
     shutil.rmtree(directory, ignore_errors=True)
+

@@ -25,7 +25,8 @@ from ..data import EMPTY_PROMPT_ID
 from ..models.backbone import Backbone
 from ..models.generator import OneStepGenerator, controlnet_residuals
 from .accel import compile_networks, make_accelerator
-from .checkpoint import CheckpointSpec, check_finite, check_trainable_fp32, run_steps
+from .checkpoint import CheckpointSpec
+from .loop import check_finite, check_trainable_fp32, run_steps
 from .phases import ControlData
 from .teacher import RunningLog, denoising_loss
 

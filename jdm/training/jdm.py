@@ -6,30 +6,36 @@ same loop trains the analytic toy (tests) and the UNet + ControlNet generator (w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import torch
 from diffusers.training_utils import EMAModel
 
+from ..config import JDMParams
 from ..models.lora import consistency_mode
 from ..objectives import (VPSchedule, condition_grad, consistency_ladder, consistency_loss, fake_score_loss,
                           generator_loss)
-from .checkpoint import check_finite
+from .loop import check_finite
 
 
 @dataclass
 class JDMSettings:
-    condition_weight: float = 1.0
-    # fraction of T; the condition term only below it (method.md). On the analytic test (cosine
-    # schedule) 0.5 T kept only the 2 modes farthest from the condition boundary; 0.2 T covered all 4
-    condition_t_max: float | None = 0.2
-    condition_on_x: bool = False          # ablation: grad log p(c | x) on the generator output
-    t_min: float = 0.02
-    t_max: float = 0.98
-    fake_steps: int = 2                   # fake-score / LoRA updates per generator update
-    consistency_steps: int = 20           # N of the consistency ladder
-    consistency_ema: float = 0.99         # EMA of the LoRA used as the consistency target
+    """The trainer's share of the `jdm` params: build it with `from_params` (JDMParams in jdm/config.py
+    holds the defaults, their reasons and their checks; there is no second copy here)."""
+
+    condition_weight: float
+    condition_t_max: float | None         # fraction of T; the condition term only below it (None: all t)
+    condition_on_x: bool                  # ablation: grad log p(c | x) on the generator output
+    t_min: float
+    t_max: float
+    fake_steps: int                       # fake-score / LoRA updates per generator update
+    consistency_steps: int                # N of the consistency ladder
+    consistency_ema: float                # EMA of the LoRA used as the consistency target
+
+    @classmethod
+    def from_params(cls, params: JDMParams) -> "JDMSettings":
+        return cls(**{f.name: getattr(params, f.name) for f in fields(cls)})
 
 
 @dataclass

@@ -18,6 +18,7 @@ from ..data import EMPTY_PROMPT_ID
 from ..models.backbone import Backbone
 from ..models.generator import OneStepGenerator, controlnet_from_unet
 from ..objectives import VPSchedule, cfg_condition_grad, cfg_eps
+from ..variants import TEXT_TO_IMAGE_VARIANTS
 from .checkpoint import CheckpointSpec
 from .jdm import Players
 
@@ -104,10 +105,6 @@ def unet_players(generator: OneStepGenerator, teacher_unet, fake_score, conditio
                    log_likelihood=log_likelihood if with_condition else None)
 
 
-# Table 3 (the paper's text-to-image results): one-step students with the prompt as their only input
-TEXT_TO_IMAGE_VARIANTS = ("di", "coupled-cfg", "decoupled-cfg", "hfl", "hfl-on-x")
-
-
 def text_to_image_players(variant: str, generator: OneStepGenerator, teacher_unet, fake_score, data: ControlData,
                           backbone: Backbone, schedule: VPSchedule, rng: torch.Generator, *,
                           guidance_scale: float = 1.0, guide_unet=None, guide_embeddings=None, reward=None,
@@ -151,7 +148,8 @@ def _adam(groups, p) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=tuple(p.adam_betas), weight_decay=0.0)
 
 
-def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, condition: Condition, data: ControlData, backbone: Backbone, schedule: VPSchedule, p, steps: int, *,
+def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, condition: Condition, data: ControlData,
+                backbone: Backbone, schedule: VPSchedule, p, steps: int, *,
                 train_unet: bool, seed: int, checkpoint: CheckpointSpec | None, log,
                 evaluate: Callable[[], dict] | None = None,
                 make_players: Callable[[torch.Generator, ControlData], Players] | None = None,
@@ -175,7 +173,7 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, condition
 
     from ..models.lora import base_parameters, lora_parameters
     from .accel import compile_networks, make_accelerator
-    from .checkpoint import check_trainable_fp32, run_steps
+    from .loop import check_trainable_fp32, run_steps
     from .jdm import JDMSettings, JDMTrainer
 
     accelerator = make_accelerator(acceleration)
@@ -202,10 +200,7 @@ def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, condition
                                with_condition=p.condition_weight > 0, real_guidance_scale=p.real_guidance_scale)
     else:
         players = make_players(rng, data)
-    jdm_settings = JDMSettings(condition_weight=p.condition_weight, condition_t_max=p.condition_t_max,
-                               condition_on_x=p.condition_on_x, t_min=p.t_min, t_max=p.t_max, fake_steps=p.fake_steps,
-                               consistency_steps=p.consistency_steps, consistency_ema=p.consistency_ema)
-    trainer = JDMTrainer(players, schedule, jdm_settings, generator_optimizer=_adam(groups, p),
+    trainer = JDMTrainer(players, schedule, JDMSettings.from_params(p), generator_optimizer=_adam(groups, p),
                          fake_optimizer=_adam([{"params": base_parameters(fake_score), "lr": p.fake_lr}], p),
                          lora_optimizer=_adam([{"params": lora, "lr": p.lora_lr}], p), lora_params=lora,
                          batch_size=p.batch_size, rng=rng)

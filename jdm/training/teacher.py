@@ -19,7 +19,8 @@ from ..data import EMPTY_PROMPT_ID, Split
 from ..models.backbone import Backbone
 from ..models.unet import build_noise_scheduler, build_unet
 from .accel import compile_networks, make_accelerator
-from .checkpoint import CheckpointSpec, check_finite, check_trainable_fp32, run_steps
+from .checkpoint import CheckpointSpec
+from .loop import check_finite, check_trainable_fp32, run_steps
 
 
 def denoising_loss(unet, noise_scheduler, x0, hidden, mask, generator, snr_gamma: float | None):

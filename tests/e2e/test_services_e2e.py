@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from .conftest import REPO, params_file, run
+from ..conftest import REPO
+from .conftest import params_file, run
 
 sys.path.insert(0, str(REPO / "infra"))
 from services import Services, _alive, free_port  # noqa: E402

@@ -10,18 +10,10 @@ import socket
 import pytest
 import torch
 
-from jdm.annotators import depth
-from jdm.annotators.depth import (
-    DepthNet,
-    draw_scenes,
-    load_controlnet_aux_midas,
-    load_depth_net,
-    normalize_per_image,
-    render_scenes,
-    sample_scenes,
-    save_depth_net,
-    train_depth_net,
-)
+from jdm.annotators import normalize_per_image
+from jdm.annotators.depth import DepthNet, load_depth_net, save_depth_net, train_depth_net
+from jdm.annotators.midas import MIDAS_FILE, load_controlnet_aux_midas
+from jdm.annotators.scenes import MAX_OBJECTS, draw_scenes, render_scenes, sample_scenes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -65,7 +57,7 @@ def _two_boxes(z_first: float, z_second: float) -> dict[str, torch.Tensor]:
     scene = sample_scenes(1, torch.Generator().manual_seed(0))
     scene.update(horizon=torch.ones(1), z_wall=torch.full((1,), 15.0), wall_albedo=torch.full((1,), 0.1),
                  fog=torch.zeros(1), gain=torch.ones(1), offset=torch.zeros(1), noise=torch.zeros(1))
-    k = depth.MAX_OBJECTS
+    k = MAX_OBJECTS
     z = torch.tensor([[z_first, z_second] + [5.0] * (k - 2)])
     scene.update(
         active=torch.tensor([[True, True] + [False] * (k - 2)]),
@@ -174,7 +166,7 @@ class _Payload:
 
 def test_controlnet_aux_midas_refuses_pickled_code(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("JDM_TEST_PAYLOAD_DIR", str(tmp_path))
-    torch.save({"x": _Payload()}, tmp_path / depth.MIDAS_FILE)
+    torch.save({"x": _Payload()}, tmp_path / MIDAS_FILE)
     with pytest.raises(Exception, match="(?i)weights.only|unpickl"):
         load_controlnet_aux_midas(str(tmp_path))
     assert not (tmp_path / "pwned").exists()
@@ -186,7 +178,7 @@ def test_controlnet_aux_midas_random_weights(tmp_path, no_network):
 
     torch.manual_seed(0)
     reference = DPTDepthModel(path=None, backbone="vitb_rn50_384", non_negative=True)
-    torch.save(reference.state_dict(), tmp_path / depth.MIDAS_FILE)
+    torch.save(reference.state_dict(), tmp_path / MIDAS_FILE)
     # detect_resolution 64 keeps the CPU forward pass short; the default is MiDaS's 384
     midas = load_controlnet_aux_midas(str(tmp_path), detect_resolution=64)
     assert not midas.training and not any(p.requires_grad for p in midas.parameters())

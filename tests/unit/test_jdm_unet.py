@@ -4,6 +4,7 @@ which weights each update touches, and the frozen generator of phase 2."""
 import torch
 
 from jdm.conditions import load_condition
+from jdm.config import JDMParams
 from jdm.models.backbone import Backbone
 from jdm.models.lora import base_parameters, consistency_mode
 from jdm.models.unet import build_noise_scheduler, build_unet
@@ -28,7 +29,7 @@ def setup(smoke_params, freeze_unet: bool):
         generator.unet.requires_grad_(False)
     fake, lora = build_fake_score(teacher, lora_rank=4)
     players = unet_players(generator, teacher, fake, condition, data, backbone, g)
-    trainer = JDMTrainer(players, schedule, JDMSettings(fake_steps=2, condition_t_max=0.5),
+    trainer = JDMTrainer(players, schedule, JDMSettings.from_params(JDMParams(fake_steps=2, condition_t_max=0.5)),
                          generator_optimizer=torch.optim.AdamW([q for q in generator.parameters() if q.requires_grad], lr=1e-3),
                          fake_optimizer=torch.optim.AdamW(base_parameters(fake), lr=1e-3),
                          lora_optimizer=torch.optim.AdamW(lora, lr=1e-3), lora_params=lora, batch_size=8, rng=g)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, run
+from ..conftest import REPO
+from .conftest import run
 
 sys.path.insert(0, str(REPO / "infra"))
 from services import free_port  # noqa: E402
@@ -175,7 +176,7 @@ def test_mlflow_artifacts_and_dvc_outputs_live_in_s3(s3, smoke_workspace, tmp_pa
     assert SECRET not in out.stdout + out.stderr + recorded
 
     # DVC: push to the bucket, lose the cache and the outputs, pull them back
-    run(["dvc", "commit", "-f", "dvc.yaml"], work, env=env)  # earlier tests retrained some outputs by hand
+    run(["dvc", "commit", "-f", "dvc.yaml"], work, env=env)  # `jdm conditions sr` above ran outside DVC
     outputs = [work / p for p in ("data/prepared", "models/teacher", "models/jdm/generator", "data/conditions/hed")]
     before, cache = digest(outputs), digest([work / ".dvc" / "cache"])
     # the endpoint goes away after 1 MB of the push: bounded retries, an error naming it, nothing local lost

@@ -4,6 +4,7 @@ model alone, the coupled baseline guides the real score, HFL's condition is the 
 import pytest
 import torch
 
+from jdm.config import JDMParams
 from jdm.models.backbone import Backbone
 from jdm.models.fake_score import build_fake_score
 from jdm.models.lora import base_parameters
@@ -11,7 +12,8 @@ from jdm.models.unet import build_noise_scheduler, build_unet
 from jdm.objectives import VPSchedule, cfg_condition_grad, cfg_eps, generator_loss
 from jdm.rewards import RewardNet
 from jdm.training.jdm import JDMSettings, JDMTrainer, Players
-from jdm.training.phases import TEXT_TO_IMAGE_VARIANTS, ControlData, build_generator, text_to_image_players
+from jdm.training.phases import ControlData, build_generator, text_to_image_players
+from jdm.variants import TEXT_TO_IMAGE_VARIANTS
 
 SCALE = 3.0
 
@@ -101,7 +103,8 @@ def test_hfl_condition_is_the_reward_through_the_consistency_model_or_on_x(smoke
         players, schedule, _, _, _, _, reward, _, fake, lora, g = setup(smoke_params, variant)
         x, ctx = players.sample(4, False)
         assert torch.equal(players.log_likelihood(x, ctx), reward((x + 1) / 2))
-        trainer = JDMTrainer(players, schedule, JDMSettings(condition_on_x=variant == "hfl-on-x", condition_t_max=0.5),
+        settings = JDMSettings.from_params(JDMParams(condition_on_x=variant == "hfl-on-x", condition_t_max=0.5))
+        trainer = JDMTrainer(players, schedule, settings,
                              generator_optimizer=torch.optim.AdamW(players.fake_score.parameters(), lr=0),
                              fake_optimizer=torch.optim.AdamW(base_parameters(fake), lr=1e-3),
                              lora_optimizer=torch.optim.AdamW(lora, lr=1e-3), lora_params=lora, batch_size=4, rng=g)
@@ -118,8 +121,8 @@ def test_variants_refuse_what_they_cannot_use(smoke_params):
     both = Players(players.sample, players.real_eps, players.fake_eps, players.fake_score,
                    log_likelihood=lambda x0, ctx: x0.sum(), condition_grad=lambda x_t, t, ctx: x_t)
     with pytest.raises(ValueError, match="give one of the two"):
-        JDMTrainer(both, schedule, JDMSettings(), generator_optimizer=None, fake_optimizer=None, lora_optimizer=None,
-                   lora_params=[], batch_size=2, rng=torch.Generator())
+        JDMTrainer(both, schedule, JDMSettings.from_params(JDMParams()), generator_optimizer=None, fake_optimizer=None,
+                   lora_optimizer=None, lora_params=[], batch_size=2, rng=torch.Generator())
 
 
 def test_decoupled_cfg_guide_reads_prompts_through_its_own_encoder(smoke_params):
@@ -147,7 +150,7 @@ def test_a_pretrained_guide_that_cannot_guide_is_refused_naming_why(smoke_params
     from diffusers import DDPMScheduler
 
     from jdm.errors import UserError
-    from jdm.stages import _check_guide
+    from jdm.stages.text_to_image import _check_guide
 
     teacher = build_unet(smoke_params.teacher.unet, 16, 1, 32)
     epsilon, v = DDPMScheduler(), DDPMScheduler(prediction_type="v_prediction")

@@ -8,8 +8,9 @@ import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
-from jdm.training.checkpoint import Checkpointer, check_trainable_fp32, run_steps
+from jdm.training.checkpoint import Checkpointer
 from jdm.training.errors import CheckpointWriteFailed, TrainingDiverged
+from jdm.training.loop import check_trainable_fp32, run_steps
 
 
 def players(seed=0):
@@ -117,7 +118,7 @@ def test_a_nan_gradient_with_a_finite_loss_stops_with_the_step_and_the_checkpoin
     objs = players()
     model = objs[0]
     ckpt = checkpointer(tmp_path, objs)
-    from jdm.training.checkpoint import check_finite
+    from jdm.training.loop import check_finite
 
     def step_fn(step):
         x = torch.randn(4, 3)

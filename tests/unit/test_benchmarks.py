@@ -5,9 +5,8 @@ side in one process, never an absolute time)."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from ..conftest import REPO
 
 
 def test_one_step_path_is_faster_than_the_multi_step_path_on_smoke(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 from jdm.report import seeds_summary, write_seeds_report
 
-from .conftest import REPO
+from ..conftest import REPO
 from .test_evaluation import row
 
 

@@ -285,8 +285,10 @@ def test_report_table_summary_and_page(tmp_path):
     assert "| 1 | 2.0 | 30.0 | - | 0.300 | - | 0.1000 | - | 0.50 |" in md
     page = (out / "index.html").read_text()
     assert page.count("<img ") == 2 * 4 and page.count("<tr><td>") == 4
-    for name in ("maps-canny", "teacher", "jdm-hed", "controlnet-50-canny"):
+    for name in ("maps-canny", "teacher"):  # drawn for the page
         assert (out / f"{name}.png").is_file()
+    for name in ("jdm-hed", "controlnet-50-canny"):  # the evaluate stage's grids, linked, not copied
+        assert f"src='../samples/{name}.png'" in page and not (out / f"{name}.png").exists()
 
 
 def test_report_shows_intervals_and_says_which_comparisons_they_separate(tmp_path):

@@ -1,4 +1,4 @@
-"""The comparison table in its three places, on the shared smoke workspace: `dvc metrics show`, MLflow
+"""The comparison table in its three places, on the built smoke workspace: `dvc metrics show`, MLflow
 runs tagged `method` and `condition` with the same metric names, and `reports/` (Markdown, and an HTML
 page a real headless Chromium renders with its table and every image). The paper pipeline runs for
 one condition (every baseline and ablation; the whole of it is `make paper`)."""
@@ -128,12 +128,12 @@ def test_paper_pipeline_for_one_condition(smoke_workspace, tmp_path, monkeypatch
 
     # which phase each row trains: a variant's own warm-up gives its row of the warm-up condition
     from jdm.config import load_params
-    from jdm.stages import variant_phase
+    from jdm.variants import variant_phase
 
     params = load_params(work / "params.yaml")
     assert params.warmup.condition == "canny"
-    assert [variant_phase(params, m, c) for m, c in (("di", "hed"), ("wo-modelling", "canny"), ("wo-modelling", "hed"),
-                                                     ("implicit", "canny"), ("wo-warmup", "canny"))] == \
+    rows = (("di", "hed"), ("wo-modelling", "canny"), ("wo-modelling", "hed"), ("implicit", "canny"), ("wo-warmup", "canny"))
+    assert [variant_phase(m, c, params.warmup.condition) for m, c in rows] == \
         ["warmup", "warmup", "extend", "extend", "extend"]
 
 
@@ -144,7 +144,7 @@ TEXT_METRICS = {"nfe", "latency_ms", "reward_heldout", "reward_train", "prompt_a
 
 @pytest.mark.e2e
 def test_text_to_image_variants_train_are_scored_and_run_from_a_flow(smoke_workspace, tmp_path, monkeypatch):
-    """Table 3 through DVC (after the paper test built the DI student): two rewards, the guide, each
+    """Table 3 through DVC (with the DI student it starts from): two rewards, the guide, each
     variant, the rows in metrics, MLflow and the report; then one variant from the Prefect flow."""
     import sys
 

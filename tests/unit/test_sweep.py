@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from .conftest import REPO
+from ..conftest import REPO
 
 sys.path.insert(0, str(REPO / "infra"))
 import sweep  # noqa: E402

@@ -5,7 +5,7 @@ import yaml
 
 from jdm.config import PROFILES, ParamsError, load_params, parse_params, profile_params, render_profile
 
-from .conftest import REPO
+from ..conftest import REPO
 
 
 def raw(profile="tiny"):

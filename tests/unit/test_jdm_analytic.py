@@ -12,6 +12,7 @@ from diffusers import DDPMScheduler
 
 from jdm.analytic import (GaussianMixture, ToyGenerator, ToyScore, conditional_samples, sign_log_likelihood,
                           sliced_wasserstein)
+from jdm.config import JDMParams
 from jdm.models.lora import add_consistency_lora, base_parameters, consistency_mode
 from jdm.objectives import VPSchedule, consistency_fn
 from jdm.training.jdm import JDMSettings, JDMTrainer, Players
@@ -58,7 +59,8 @@ def train_jdm(with_condition: bool, steps: int = 2000, seed: int = 0):
     players = Players(sample=sample, real_eps=lambda x_t, t, c: teacher(x_t, t),
                       fake_eps=lambda x_t, t, c: fake(x_t, t), fake_score=fake,
                       log_likelihood=(lambda x0, c: sign_log_likelihood(x0, c)) if with_condition else None)
-    trainer = JDMTrainer(players, sched, JDMSettings(condition_weight=1.0, condition_t_max=0.2, fake_steps=2),
+    settings = JDMSettings.from_params(JDMParams(condition_weight=1.0, condition_t_max=0.2, fake_steps=2))
+    trainer = JDMTrainer(players, sched, settings,
                          generator_optimizer=torch.optim.Adam(generator.parameters(), lr=1e-3, betas=(0.0, 0.99)),
                          fake_optimizer=torch.optim.Adam(base_parameters(fake), lr=1e-3, betas=(0.0, 0.99)),
                          lora_optimizer=torch.optim.Adam(lora, lr=1e-3), lora_params=lora, batch_size=256, rng=g)
@@ -123,7 +125,8 @@ def test_consistency_lora_learns_the_probability_flow_map_of_a_gaussian():
     lora = add_consistency_lora(fake, rank=16, target_modules=LORA_TARGETS)
     players = Players(sample=lambda n, grad: (gauss.sample(n, g), None), real_eps=None,
                       fake_eps=lambda x_t, t, ctx: fake(x_t, t), fake_score=fake, log_likelihood=None)
-    trainer = JDMTrainer(players, sched, JDMSettings(consistency_steps=20, consistency_ema=0.99, condition_t_max=0.6),
+    settings = JDMSettings.from_params(JDMParams(consistency_steps=20, consistency_ema=0.99, condition_t_max=0.6))
+    trainer = JDMTrainer(players, sched, settings,
                          generator_optimizer=None, fake_optimizer=torch.optim.Adam(base_parameters(fake), lr=0.0),
                          lora_optimizer=torch.optim.Adam(lora, lr=2e-3), lora_params=lora, batch_size=512, rng=g)
     for _ in range(1500):

@@ -1,0 +1,131 @@
+"""The foundation stages: data, annotators, judges and condition maps, everything the teacher and the
+students are trained and scored on."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import data as jdata
+from ..config import Params
+from ..io import atomic_dir, save_tensors, write_json
+from ..tracking import image_grid, stage_run
+from .common import ANNOTATORS, CONDITIONS, METRICS, MODELS, PREPARED, logger, section, setup
+
+
+def run_data(params: Params) -> None:
+    """Fashion-MNIST at the profile's size, prompts, prompt embeddings, a fixed held-out split."""
+    from ..text import TextEncoder
+
+    setup(params)
+    p = params.data
+    with stage_run("data", params.profile, section(params, "data", "text_encoder")) as mlflow:
+        g = torch.Generator().manual_seed(params.seed)
+        prompts, classes = jdata.build_prompts(p.templates)
+        splits = {}
+        images, labels = jdata.read_fashion_mnist(p.root, "train")
+        keep = torch.randperm(len(labels), generator=g)[:p.max_train]
+        splits["train"] = (images[keep], labels[keep])
+        images, labels = jdata.read_fashion_mnist(p.root, "test")
+        order = torch.randperm(len(labels), generator=g)
+        splits["test"] = (images[order], labels[order])  # shuffled once: a prefix is a fair FID reference
+        splits["eval"] = (images[order[:p.num_eval]], labels[order[:p.num_eval]])
+        hidden, mask = TextEncoder(params.text_encoder).encode(prompts)
+        with atomic_dir(PREPARED) as out:
+            for name, (x, y) in splits.items():
+                pid = jdata.assign_prompts(y, len(p.templates), g)
+                save_tensors({"images": jdata.resize_images(x, p.image_size), "labels": y, "prompt_ids": pid},
+                             out / f"{name}.safetensors")
+            save_tensors({"hidden_states": hidden, "attention_mask": mask}, out / "embeddings.safetensors")
+            write_json({"prompts": prompts, "prompt_classes": classes, "class_names": list(jdata.CLASS_NAMES)},
+                       out / "prompts.json")
+        prepared = jdata.PreparedData.load(PREPARED)
+        sizes = {f"num_{n}": len(prepared.split(n)) for n in splits}
+        mlflow.log_metrics({**sizes, "num_prompts": len(prompts)})
+        mlflow.log_image(image_grid(prepared.split("eval").pixels(slice(0, 64))), "eval_images.png")
+        print(f"data: {sizes}, {len(prompts)} prompts, embeddings {tuple(hidden.shape)}")
+
+
+def run_annotator(params: Params, name: str) -> None:
+    """hed: port the BSDS500 HED weights; depth: train the MiDaS stand-in; classifier: train it."""
+    setup(params)
+    out_dir = ANNOTATORS / name
+    p = getattr(params.annotators, name)
+    stage_params = {"seed": params.seed, "annotators": {name: p.model_dump(mode="json")}}
+    with stage_run(f"annotator-{name}", params.profile, stage_params) as mlflow:
+        metrics = {}
+        with atomic_dir(out_dir) as out:
+            if getattr(p, "source", None) == "controlnet-aux":
+                # paper scale: the conditions load controlnet-aux weights from p.path; record which
+                write_json({"source": "controlnet-aux", "path": p.path}, out / "source.json")
+            elif name == "hed":
+                from ..annotators.hed import save_hed
+                save_hed(out)
+            elif name == "depth":
+                from ..annotators.depth import save_depth_net, train_depth_net
+                model, metrics = train_depth_net(steps=p.steps, batch_size=p.batch_size, lr=p.lr,
+                                                 size=params.data.image_size, seed=params.seed, log=logger(mlflow))
+                save_depth_net(model, out)
+            else:
+                from ..annotators.classifier import save_classifier, train_classifier
+                prepared = jdata.PreparedData.load(PREPARED)
+                train, held_out = prepared.split("train"), prepared.split("eval")
+                model, metrics = train_classifier(train.images, train.labels, held_out.images, held_out.labels,
+                                                  steps=p.steps, batch_size=p.batch_size, lr=p.lr, seed=params.seed,
+                                                  log=logger(mlflow))
+                save_classifier(model, out)
+        mlflow.log_metrics(metrics)
+        write_json(metrics, METRICS / f"annotator-{name}.json")
+        print(f"annotator {name}: {metrics}")
+
+
+def run_judge(params: Params, name: str) -> None:
+    """depth: train the second depth stand-in that scores consistency beside the conditions' own
+    (judges.py). The hed judge has no weights and so no stage."""
+    from ..annotators.depth import save_depth_net, train_depth_net
+    from ..errors import UserError
+    from ..judges import judge_path
+
+    if name != "depth":
+        raise UserError(f"no judge to train for {name!r}; allowed: depth (the hed judge has no weights)")
+    setup(params)
+    p = params.judges.depth
+    with stage_run(f"judge-{name}", params.profile, {"judges": {name: p.model_dump(mode="json")}}) as mlflow:
+        with atomic_dir(judge_path(MODELS, name)) as out:
+            model, metrics = train_depth_net(steps=p.steps, batch_size=p.batch_size, lr=p.lr, size=params.data.image_size,
+                                             seed=p.seed, channels=tuple(p.channels), log=logger(mlflow))
+            save_depth_net(model, out)
+        mlflow.log_metrics(metrics)
+        write_json(metrics, METRICS / f"judge-{name}.json")
+        print(f"judge {name}: {metrics}")
+
+
+def run_conditions(params: Params, name: str) -> None:
+    """Exact condition maps for (a prefix of) the train split and the whole eval split."""
+    from ..conditions import condition_slug, load_condition
+
+    setup(params)
+    cond = load_condition(name, params, MODELS)
+    prepared = jdata.PreparedData.load(PREPARED)
+    p = params.conditions
+    with stage_run("conditions", params.profile, section(params, "conditions"), condition=name) as mlflow:
+        start = time.perf_counter()
+        maps = {}
+        for split, limit in (("train", p.max_train), ("eval", None)):
+            s = prepared.split(split)
+            n = len(s) if limit is None else min(limit, len(s))
+            chunks = [cond.extract(s.pixels(slice(i, min(n, i + p.batch_size)))) for i in range(0, n, p.batch_size)]
+            maps[split] = (torch.cat(chunks).clamp(0, 1) * 255).round().to(torch.uint8)
+        with atomic_dir(CONDITIONS / condition_slug(name)) as out:
+            save_tensors(maps, out / "maps.safetensors", metadata={"condition": name, "channels": cond.channels})
+        seconds = time.perf_counter() - start
+        held_out = prepared.split("eval")
+        pairs = torch.stack([held_out.pixels(slice(0, 16)).expand(-1, cond.channels, -1, -1),
+                             maps["eval"][:16].float() / 255], 1).flatten(0, 1)
+        mlflow.log_image(image_grid(pairs, nrow=8), f"{name}_maps.png")
+        stats = {"num_train_maps": len(maps["train"]), "num_eval_maps": len(maps["eval"]),
+                 "mean_value": maps["eval"].float().mean().item() / 255, "seconds": seconds}
+        mlflow.log_metrics(stats)
+        print(f"conditions {name}: {stats}")
+

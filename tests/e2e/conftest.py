@@ -1,0 +1,60 @@
+import os
+import shutil
+import sys
+
+import pytest
+
+from ..conftest import REPO
+
+
+def workspace_copy(dst):
+    """The repository as a clean clone would have it (tracked and untracked-but-not-ignored files)."""
+    sys.path.insert(0, str(REPO / "infra"))
+    from workspace import clean_copy
+    return clean_copy(dst)
+
+
+def run(cmd, cwd, timeout=600, env=None):
+    import subprocess
+    env = env or {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def smoke_build(tmp_path_factory):
+    """One smoke `dvc repro` in a temporary copy of the repository, once per session, and a snapshot of
+    the result that no test touches. Tests take it through `smoke_workspace`."""
+    base = tmp_path_factory.mktemp("e2e")
+    work = workspace_copy(base / "repo")
+    run(["jdm", "profile", "smoke"], work)
+    run(["dvc", "repro"], work)
+    shutil.copytree(work, base / "built", symlinks=True)
+    return work, base / "built"
+
+
+@pytest.fixture
+def smoke_workspace(smoke_build):
+    """The smoke workspace as `dvc repro` left it, for this test alone: what an earlier test changed there
+    (outputs retrained by hand, MLflow runs, checkpoints, params files) is put back from the snapshot
+    first, so no test depends on which ran before it, or on whether it passed. Always the same path:
+    mlflow.db (the experiment's artifact location) and DVC's state hold absolute paths. Fresh mtimes, so
+    DVC hashes every output again instead of trusting what it recorded for a file the last test wrote."""
+    work, built = smoke_build
+    shutil.rmtree(work)
+    shutil.copytree(built, work, symlinks=True, copy_function=shutil.copy)
+    return work
+
+
+def params_file(work, name, **sections):
+    """A variant of the workspace's params.yaml (sections updated, or top-level keys replaced)."""
+    import yaml
+    raw = yaml.safe_load((work / "params.yaml").read_text())
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            raw[section].update(values)
+        else:
+            raw[section] = values
+    (work / name).write_text(yaml.safe_dump(raw))
+    return name
