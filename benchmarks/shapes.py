@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from jdm.conditions import load_condition
-from jdm.config import Params, profile_params
+from jdm.config import Params
+from jdm.profiles import profile_params
 from jdm.models.backbone import Backbone
 from jdm.models.unet import build_noise_scheduler, build_unet
 from jdm.objectives import VPSchedule

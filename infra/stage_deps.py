@@ -139,7 +139,7 @@ def command_code(cmd: str) -> set[str]:
     if argv[0] != "jdm":
         raise ValueError(f"not a jdm command: {cmd!r}")
     if argv[1] == "seed-params":
-        return set(library_closure("jdm.config")) - NOT_STAGE_CODE
+        return set(library_closure("jdm.profiles")) - NOT_STAGE_CODE
     ran = []
     saved = []
     for info in pkgutil.iter_modules(jdm.stages.__path__):

@@ -12,8 +12,8 @@ from .env import set_offline_env
 set_offline_env()  # before any tool that might phone home is imported
 
 from .errors import UserError  # noqa: E402
-from .config import (PROFILES, ParamsError, load_params, profile_params, profile_path,  # noqa: E402
-                     render_profile, seed_params)
+from .config import PROFILES, ParamsError, load_params  # noqa: E402
+from .profiles import profile_params, profile_path, render_profile, seed_params  # noqa: E402
 from .training.errors import TrainingStopped  # noqa: E402
 from .variants import TRAINED_BASELINES  # noqa: E402
 

@@ -20,7 +20,7 @@ def _global_rng():
 
 @pytest.fixture
 def smoke_params():
-    from jdm.config import profile_params
+    from jdm.profiles import profile_params
     return profile_params("smoke", REPO)
 
 

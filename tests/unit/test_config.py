@@ -3,7 +3,8 @@ import subprocess
 import pytest
 import yaml
 
-from jdm.config import PROFILES, ParamsError, load_params, parse_params, profile_params, render_profile
+from jdm.config import PROFILES, ParamsError, load_params, parse_params
+from jdm.profiles import profile_params, render_profile
 
 from ..conftest import REPO
 
@@ -102,7 +103,7 @@ def test_unreadable_params_files_are_named(tmp_path):
 
 
 def test_seed_params_move_the_seed_and_nothing_else(tmp_path):
-    from jdm.config import seed_params
+    from jdm.profiles import seed_params
 
     text = seed_params(REPO / "profiles" / "tiny.yaml", 2)
     assert text.startswith("# generated from tiny.yaml by `jdm seed-params 2`")
