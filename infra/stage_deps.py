@@ -49,7 +49,7 @@ def _imports(node: ast.AST, module: str, is_package: bool) -> set[str]:
     """The jdm modules imported anywhere under `node` (a `from x import y` may import submodule x.y)."""
     package = module if is_package else module.rpartition(".")[0]
     found = set()
-    for n in ast.walk(node):
+    for n in _walk_run_code(node):
         if isinstance(n, ast.Import):
             found.update(a.name for a in n.names)
         elif isinstance(n, ast.ImportFrom):
@@ -61,6 +61,20 @@ def _imports(node: ast.AST, module: str, is_package: bool) -> set[str]:
             found.add(target)
             found.update(f"{target}.{a.name}" for a in n.names if _module_file(f"{target}.{a.name}"))
     return {m for m in found if _module_file(m)}
+
+
+def _walk_run_code(node: ast.AST):
+    """ast.walk, minus the `if TYPE_CHECKING:` blocks (imports for annotations only never run)."""
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        yield n
+        for child in ast.iter_child_nodes(n):
+            test = child.test if isinstance(child, ast.If) else None
+            if test is not None and "TYPE_CHECKING" in (getattr(test, "id", None), getattr(test, "attr", None)):
+                todo.extend(child.orelse)
+                continue
+            todo.append(child)
 
 
 def _with_parents(module: str) -> set[str]:

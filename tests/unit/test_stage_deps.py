@@ -34,3 +34,11 @@ def test_a_command_is_traced_through_the_cli_to_the_function_it_runs():
         stage_deps.stage_code("jdm.stages.baselines", "run_controlnet_baseline")
     assert stage_deps.command_code("jdm baseline implicit hed") == \
         stage_deps.stage_code("jdm.stages.phases", "run_jdm_phase")
+
+
+def test_imports_for_annotations_only_are_not_code_a_stage_runs():
+    import ast
+
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from jdm import rewards\n"
+                     "else:\n    from jdm import metrics\nfrom jdm import io\n")
+    assert stage_deps._imports(tree, "jdm.x", False) == {"jdm", "jdm.io", "jdm.metrics"}
