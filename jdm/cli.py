@@ -24,7 +24,7 @@ STAGES = ("data", "annotator", "judge", "conditions", "teacher", "evaluate-teach
           "reference")
 
 
-def cmd_profile(args) -> None:
+def cmd_profile(args: argparse.Namespace) -> None:
     """Make profile NAME the active params.yaml, refusing to overwrite edits that are in no profile."""
     profile_params(args.name)  # a profile must itself be valid
     text = render_profile(args.name)
@@ -41,7 +41,7 @@ def cmd_profile(args) -> None:
     print(f"{dst} is now profile {args.name}")
 
 
-def cmd_seed_params(args) -> None:
+def cmd_seed_params(args: argparse.Namespace) -> None:
     """Write the params of extra training seed `offset` (seeds/dvc.yaml's first stage)."""
     out = Path(args.out)
     text = seed_params(args.params, args.offset)
@@ -50,7 +50,7 @@ def cmd_seed_params(args) -> None:
     print(f"{out}: seed + {args.offset}")
 
 
-def cmd_stage(args) -> None:
+def cmd_stage(args: argparse.Namespace) -> None:
     from .stages import baselines, evaluation, foundation, phases, report, teacher, text_to_image
     from .variants import TEXT_ROWS, variant_phase
 
@@ -128,7 +128,7 @@ def _read_control(path: str) -> "torch.Tensor":
     return torch.from_numpy(array.copy())[None]
 
 
-def cmd_sample(args) -> None:
+def cmd_sample(args: argparse.Namespace) -> None:
     """One-step generation: prompt + one or more control maps -> image (NFE 1)."""
     import torch
     from PIL import Image

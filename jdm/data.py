@@ -82,7 +82,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def pixels(self, idx=slice(None)) -> torch.Tensor:
+    def pixels(self, idx: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         """Images in [0,1] (what conditions and metrics see)."""
         return self.images[idx].float() / 255.0
 

@@ -8,7 +8,13 @@ minutes; with these, about 2 minutes on `smoke` (`make push` checks the endpoint
 A value the user set explicitly always wins.
 """
 
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, MutableMapping
 
 OFFLINE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -26,13 +32,13 @@ RETRY_ENV = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "3"}
 TOOL_ENV = {**OFFLINE_ENV, **RETRY_ENV}
 
 
-def set_offline_env(environ=os.environ) -> None:
+def set_offline_env(environ: MutableMapping[str, str] = os.environ) -> None:
     """Fill in the offline switches and retry bounds; a value the user set explicitly wins."""
     for key, value in TOOL_ENV.items():
         environ.setdefault(key, value)
 
 
-def tool_env(base=None) -> dict[str, str]:
+def tool_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """A copy of `base` (default: this process's environment) with TOOL_ENV filled in."""
     env = dict(os.environ if base is None else base)
     set_offline_env(env)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -28,6 +28,13 @@ from .judges import Judge, judged_consistency_per_sample
 from .metrics import bootstrap, consistency_per_sample, features, fid, fid_resampler, kid, kid_resampler, prompt_hits
 from .models.backbone import Backbone
 from .sampling import sample_cfg
+
+if TYPE_CHECKING:
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from .annotators.classifier import Classifier
+    from .conditions import Condition
+    from .models.generator import OneStepGenerator
 
 # sample(hidden, mask, control or None, rng) -> pixels in [0,1]
 SampleFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Generator], torch.Tensor]
@@ -39,7 +46,7 @@ class Sampler:
     sample: SampleFn
 
 
-def one_step_sampler(generator, condition_name: str | None, backbone: Backbone, size: int) -> Sampler:
+def one_step_sampler(generator: OneStepGenerator, condition_name: str | None, backbone: Backbone, size: int) -> Sampler:
     """A one-step generator with the ControlNet of `condition_name` (None: without control)."""
     generator.eval()
 
@@ -50,8 +57,9 @@ def one_step_sampler(generator, condition_name: str | None, backbone: Backbone, 
     return Sampler(1, sample)
 
 
-def multi_step_sampler(unet, scheduler_config, backbone: Backbone, size: int, null: tuple[torch.Tensor, torch.Tensor],
-                       *, steps: int, guidance_scale: float, sampler: str, controlnet=None) -> Sampler:
+def multi_step_sampler(unet: UNet2DConditionModel, scheduler_config: dict[str, Any], backbone: Backbone, size: int,
+                       null: tuple[torch.Tensor, torch.Tensor], *, steps: int, guidance_scale: float, sampler: str,
+                       controlnet: ControlNetModel | None = None) -> Sampler:
     """The teacher with diffusers' scheduler and CFG, with a ControlNet or without (the FID reference)."""
     def sample(hidden, mask, control, g):
         x = sample_cfg(unet, scheduler_config, hidden, mask, null[0], null[1], shape=(backbone.channels, size, size),
@@ -136,7 +144,7 @@ def score_samples(samples: torch.Tensor, spaces: dict[str, FeatureSpace], per_sa
     return out
 
 
-def score(samples: torch.Tensor, maps: torch.Tensor, classes: torch.Tensor, condition, classifier,
+def score(samples: torch.Tensor, maps: torch.Tensor, classes: torch.Tensor, condition: Condition, classifier: Classifier,
           spaces: dict[str, FeatureSpace], *, resamples: int, seed: int, judge: Judge | None = None,
           real: torch.Tensor | None = None) -> dict:
     """The table's numbers for one method and condition, with their intervals; the sample counts go

@@ -17,10 +17,13 @@ downscale), so they need none.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .config import Params
 
 
 class Judge(Protocol):
@@ -66,7 +69,7 @@ def judge_path(models_dir: Path, condition: str) -> Path:
     return Path(models_dir) / "judges" / condition
 
 
-def load_judge(condition: str, params, models_dir: Path) -> Judge | None:
+def load_judge(condition: str, params: Params, models_dir: Path) -> Judge | None:
     """The held-out judge of `condition`, or None where the extractor is exact (canny, sr, plugins)."""
     if condition == "hed":
         return EdgeJudge(params.judges.hed.sigma)

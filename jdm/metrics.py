@@ -10,10 +10,14 @@ import contextlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .annotators.classifier import Classifier
+    from .conditions import Condition
 
 
 def inception_path() -> Path:
@@ -206,22 +210,22 @@ def bootstrap(stat_fn: Callable[[np.ndarray], dict[str, float]], n: int, resampl
     return out
 
 
-def prompt_hits(classifier, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+def prompt_hits(classifier: Classifier, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Per sample: does the classifier recognise the class its prompt names (CLIP-score stand-in)?"""
     from .annotators.classifier import predict
 
     return predict(classifier, images) == classes
 
 
-def prompt_accuracy(classifier, images: torch.Tensor, classes: torch.Tensor) -> float:
+def prompt_accuracy(classifier: Classifier, images: torch.Tensor, classes: torch.Tensor) -> float:
     return prompt_hits(classifier, images, classes).float().mean().item()
 
 
-def consistency_per_sample(condition, images: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
+def consistency_per_sample(condition: Condition, images: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
     """Per sample: mean L1 between the exact extractor on the sample and its control map."""
     return (condition.extract(images) - control).abs().flatten(1).mean(1)
 
 
-def consistency(condition, images: torch.Tensor, control: torch.Tensor) -> float:
+def consistency(condition: Condition, images: torch.Tensor, control: torch.Tensor) -> float:
     """The paper's consistency: mean L1 between the exact extractor on the samples and the control."""
     return consistency_per_sample(condition, images, control).mean().item()

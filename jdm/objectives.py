@@ -7,10 +7,13 @@ controls already bound), so the same code trains 2-D toy players with exact scor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LogLikelihood = Callable[[torch.Tensor], torch.Tensor]  # x0 -> log p(c | x0) per sample, c bound
@@ -24,7 +27,7 @@ class VPSchedule:
         self.num_timesteps = len(alphas_cumprod)
 
     @classmethod
-    def from_scheduler(cls, noise_scheduler) -> "VPSchedule":
+    def from_scheduler(cls, noise_scheduler: DDPMScheduler) -> "VPSchedule":
         return cls(noise_scheduler.alphas_cumprod)
 
     def coeffs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

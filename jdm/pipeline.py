@@ -32,7 +32,7 @@ GENERATOR_CONFIG = "jdm.json"
 CONDITION_CONFIG = "condition.json"
 
 
-def save_generator(generator: OneStepGenerator, noise_scheduler, out_dir: Path, meta: dict) -> None:
+def save_generator(generator: OneStepGenerator, noise_scheduler: DDPMScheduler, out_dir: Path, meta: dict) -> None:
     """The shared UNet, its primary ControlNet, the teacher's noise schedule and what sampling needs besides."""
     generator.unet.save_pretrained(out_dir / "unet")
     noise_scheduler.save_pretrained(out_dir / "scheduler")

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from diffusers import DDIMScheduler, UniPCMultistepScheduler
 
 from .models.generator import controlnet_residuals
 from .objectives import cfg_eps
 
+if TYPE_CHECKING:
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
 SAMPLERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler}
 
 
 @torch.no_grad()
-def sample_cfg(unet, scheduler_config, hidden, mask, null_hidden, null_mask, *, shape, steps: int,
+def sample_cfg(unet: UNet2DConditionModel, scheduler_config: dict[str, Any], hidden: torch.Tensor, mask: torch.Tensor,
+               null_hidden: torch.Tensor, null_mask: torch.Tensor, *, shape: tuple[int, ...], steps: int,
                guidance_scale: float, sampler: str = "ddim", generator: torch.Generator | None = None,
-               controlnet=None, control=None, conditioning_scale: float = 1.0) -> torch.Tensor:
+               controlnet: ControlNetModel | None = None, control: torch.Tensor | None = None,
+               conditioning_scale: float = 1.0) -> torch.Tensor:
     """Backbone samples [N,*shape] from noise; conditional and unconditional halves share one batched pass.
 
     With `controlnet` and `control` ([N,C,H,W] in [0,1]) the ControlNet residuals are added to both halves.

@@ -13,9 +13,13 @@ import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 EXPERIMENT = "jdm"
 
@@ -86,7 +90,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 
 @contextlib.contextmanager
 def stage_run(stage: str, profile: str, params: dict, condition: str | None = None, workspace: Path | None = None,
-              tags: dict | None = None):
+              tags: dict | None = None) -> Iterator[ModuleType]:
     """Start the stage's MLflow run with its tags (stage, profile, commit, condition, and e.g. `method`,
     so the compare view lines up methods and conditions) and params; yield the mlflow module."""
     import mlflow

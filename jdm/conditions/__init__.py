@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from .base import Condition
 from .builtin import BUILTIN
+
+if TYPE_CHECKING:
+    from ..config import Params
 
 __all__ = ["Condition", "BUILTIN", "available", "condition_slug", "resolve_condition_class", "load_condition"]
 
@@ -50,7 +54,7 @@ def resolve_condition_class(name: str) -> type[Condition]:
     return cls
 
 
-def load_condition(name: str, params=None, models_dir: str | Path = "models") -> Condition:
+def load_condition(name: str, params: Params | None = None, models_dir: str | Path = "models") -> Condition:
     """An instance ready to use; built-ins that need an annotator load it from `models_dir/annotators`."""
     cls = resolve_condition_class(name)
     cond = cls.create(params, Path(models_dir)) if hasattr(cls, "create") else cls()

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..config import Params
 
 
 class Condition:
@@ -26,7 +30,7 @@ class Condition:
     tau: float = 0.05
 
     @classmethod
-    def create(cls, params, models_dir: Path) -> "Condition":
+    def create(cls, params: Params | None, models_dir: Path) -> "Condition":
         return cls()
 
     def extract(self, images: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -10,6 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from .base import Condition
+
+if TYPE_CHECKING:
+    from ..config import Params
 
 
 def _gray(images: torch.Tensor) -> torch.Tensor:
@@ -26,7 +30,7 @@ class Canny(Condition):
         self.low, self.high = low_threshold, high_threshold
 
     @classmethod
-    def create(cls, params, models_dir: Path) -> "Canny":
+    def create(cls, params: Params | None, models_dir: Path) -> "Canny":
         c = params.conditions.canny if params is not None else None
         return cls(c.low_threshold, c.high_threshold) if c else cls()
 
@@ -62,7 +66,7 @@ class _NetworkCondition(Condition):
         self.network = network
 
     @classmethod
-    def create(cls, params, models_dir: Path) -> "_NetworkCondition":
+    def create(cls, params: Params | None, models_dir: Path) -> "_NetworkCondition":
         """The annotator of `params.annotators.<name>`: controlnet-aux weights from its `path`, or
         the one the `annotator@<name>` stage wrote under `models_dir`."""
         p = getattr(params.annotators, cls.name) if params is not None else None
@@ -71,7 +75,7 @@ class _NetworkCondition(Condition):
         return cls(cls.load_network("local", models_dir / "annotators" / cls.name))
 
     @staticmethod
-    def load_network(source: str, path) -> torch.nn.Module:
+    def load_network(source: str, path: str | Path) -> torch.nn.Module:
         raise NotImplementedError
 
     def _run(self, images: torch.Tensor) -> torch.Tensor:
@@ -92,7 +96,7 @@ class HED(_NetworkCondition):
     name = "hed"
 
     @staticmethod
-    def load_network(source: str, path):
+    def load_network(source: str, path: str | Path) -> torch.nn.Module:
         from ..annotators.hed import load_controlnet_aux_hed, load_hed
         return load_controlnet_aux_hed(path) if source == "controlnet-aux" else load_hed(path)
 
@@ -102,7 +106,7 @@ class Depth(_NetworkCondition):
     pad = 0  # the stand-in was trained on whole frames: reflect padding doubled its L1 error
 
     @staticmethod
-    def load_network(source: str, path):
+    def load_network(source: str, path: str | Path) -> torch.nn.Module:
         from ..annotators.depth import load_depth_net
         from ..annotators.midas import load_controlnet_aux_midas
         return load_controlnet_aux_midas(path) if source == "controlnet-aux" else load_depth_net(path)
@@ -120,7 +124,7 @@ class SuperResolution(Condition):
         self.factor = factor
 
     @classmethod
-    def create(cls, params, models_dir: Path) -> "SuperResolution":
+    def create(cls, params: Params | None, models_dir: Path) -> "SuperResolution":
         return cls(params.conditions.sr_factor) if params is not None else cls()
 
     def surrogate(self, images: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diffusers import UNet2DConditionModel
 from peft import set_peft_model_state_dict
@@ -15,12 +16,16 @@ from safetensors.torch import load_file
 
 from .lora import ADAPTER, add_consistency_lora
 
+if TYPE_CHECKING:
+    import torch
+
 # LCM-LoRA's targets: attention projections and the convolutions, where a small UNet keeps its capacity
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "time_emb_proj"]
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name for `save_lora_adapter` output
 
 
-def build_fake_score(teacher_unet: UNet2DConditionModel, lora_rank: int):
+def build_fake_score(teacher_unet: UNet2DConditionModel, lora_rank: int
+                     ) -> tuple[UNet2DConditionModel, list[torch.nn.Parameter]]:
     """A trainable copy of the teacher with a zero-initialised LoRA (switched off); returns (model, lora params)."""
     fake = copy.deepcopy(teacher_unet).requires_grad_(True)
     return fake, add_consistency_lora(fake, lora_rank, LORA_TARGETS)
@@ -53,7 +58,7 @@ def _sort_target_modules(path: Path) -> None:
     save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True)})
 
 
-def load_fake_score(directory: str | Path, lora_rank: int):
+def load_fake_score(directory: str | Path, lora_rank: int) -> tuple[UNet2DConditionModel, list[torch.nn.Parameter]]:
     directory = Path(directory)
     if not (directory / "consistency_lora" / LORA_WEIGHTS).is_file():
         raise FileNotFoundError(f"no fake score at {directory}: run the `warmup` stage first (`dvc repro warmup`)")

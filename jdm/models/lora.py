@@ -4,6 +4,7 @@ adapter off = fake score; only the adapter is trained by the consistency loss.""
 from __future__ import annotations
 
 import contextlib
+from typing import Iterator
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -42,7 +43,7 @@ def set_lora_enabled(model: torch.nn.Module, enabled: bool) -> None:
 
 
 @contextlib.contextmanager
-def consistency_mode(model: torch.nn.Module):
+def consistency_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """The adapter on for the block (the consistency model), off again after (the fake score).
 
     peft also switches the adapter's requires_grad with it, so fake-score losses never reach the LoRA."""

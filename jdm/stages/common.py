@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..config import Params
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from ..data import PreparedData
+    from ..training.checkpoint import CheckpointSpec
+    from ..training.phases import ControlData
 
 PREPARED = Path("data/prepared")
 CONDITIONS = Path("data/conditions")
@@ -32,19 +40,19 @@ def section(params: Params, *names: str) -> dict:
     return {"seed": params.seed, **{n: dumped[n] for n in names}}
 
 
-def checkpoint_spec(params: Params, directory: Path, settings: dict):
+def checkpoint_spec(params: Params, directory: Path, settings: dict) -> CheckpointSpec:
     from ..training.checkpoint import CheckpointSpec
     return CheckpointSpec(directory, settings, params.checkpoint.every, params.checkpoint.keep)
 
 
-def logger(mlflow):
+def logger(mlflow: ModuleType) -> Callable[[int, dict], None]:
     def log(step: int, values: dict) -> None:
         mlflow.log_metrics(values, step=step)
         print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()), flush=True)
     return log
 
 
-def recording(log, curve: list):
+def recording(log: Callable[[int, dict], None], curve: list) -> Callable[[int, dict], None]:
     """`log` that also keeps each validation record (the `eval_*` values) in `curve`, for a DVC plot."""
     def record(step: int, values: dict) -> None:
         log(step, values)
@@ -69,7 +77,7 @@ def load_condition_maps(name: str) -> dict[str, torch.Tensor]:
     return {k: v.float() / 255 for k, v in load_tensors(path).items()}
 
 
-def control_data(prepared, name: str, with_images: bool = False):
+def control_data(prepared: PreparedData, name: str, with_images: bool = False) -> tuple[ControlData, ControlData]:
     """Training and held-out control maps, each with the prompt of the image it came from (read once);
     `with_images` adds the training images themselves (the denoising baselines train on them). The
     held-out maps always carry their images: the validation curves' FID is taken against them."""

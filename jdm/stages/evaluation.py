@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,8 +18,16 @@ from ..variants import METHODS
 from .common import (ANNOTATORS, METRICS, MODELS, PREPARED, REFERENCE, SAMPLES, SAMPLES_SHOWN, TEACHER,
                      load_condition_maps, section, setup)
 
+if TYPE_CHECKING:
+    from diffusers import ControlNetModel
 
-def held_out_prompts(params: Params, prepared, name: str | None = None):
+    from ..annotators.classifier import Classifier
+    from ..evaluation import Sampler
+    from ..models.backbone import Backbone
+
+
+def held_out_prompts(params: Params, prepared: jdata.PreparedData, name: str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
     """The first `evaluation.control_samples` held-out images: prompt embeddings, classes, and maps of `name`."""
     n = params.evaluation.control_samples
     held_out = prepared.split("eval")
@@ -29,7 +38,7 @@ def held_out_prompts(params: Params, prepared, name: str | None = None):
     return hidden[pid], mask[pid], torch.tensor(prepared.prompt_classes)[pid], maps, (hidden[:1], mask[:1])
 
 
-def held_out_images(params: Params, prepared) -> torch.Tensor:
+def held_out_images(params: Params, prepared: jdata.PreparedData) -> torch.Tensor:
     """The real images of `held_out_prompts`'s maps, in [0,1]."""
     return prepared.split("eval").pixels(slice(0, params.evaluation.control_samples))
 
@@ -44,7 +53,7 @@ def _feature_nets(params: Params, classifier) -> dict:
     return nets
 
 
-def spaces_of(params: Params, classifier, reference: torch.Tensor) -> dict:
+def spaces_of(params: Params, classifier: Classifier, reference: torch.Tensor) -> dict:
     """Each feature space with the features of `reference` (images in [0,1])."""
     from ..evaluation import FeatureSpace
     from ..metrics import features
@@ -68,7 +77,8 @@ def _saved_spaces(params: Params, classifier) -> dict:
     return {name: FeatureSpace(net, saved[name].numpy()) for name, net in nets.items()}
 
 
-def teacher_sampler(params: Params, backbone, null, controlnet=None):
+def teacher_sampler(params: Params, backbone: Backbone, null: tuple[torch.Tensor, torch.Tensor],
+                    controlnet: ControlNetModel | None = None) -> Sampler:
     from ..evaluation import multi_step_sampler
     from ..models.teacher import load_teacher
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,9 +21,19 @@ from ..variants import VARIANTS, Variant
 from .common import (ANNOTATORS, CHECKPOINTS, METRICS, MODELS, PREPARED, TEACHER, checkpoint_spec, control_data,
                      curve_path, logger, recording, section, setup)
 
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..annotators.classifier import Classifier
+    from ..conditions import Condition
+    from ..models.backbone import Backbone
+    from ..models.generator import OneStepGenerator
+    from ..training.phases import ControlData
+
 
 @torch.no_grad()
-def validate(generator, condition, backbone, held_out, prompt_classes, classifier, num: int, seed: int):
+def validate(generator: OneStepGenerator, condition: Condition | None, backbone: Backbone, held_out: ControlData,
+             prompt_classes: list[int], classifier: Classifier, num: int, seed: int) -> tuple[dict[str, float], np.ndarray]:
     """One-step samples for the *last* `num` held-out maps (the validation maps; the table reads the
     first `evaluation.control_samples`, config.py keeps them apart): prompt accuracy, FID and KID in
     the classifier's features against the maps' own images, and, when the generator has the

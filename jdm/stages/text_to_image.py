@@ -138,7 +138,7 @@ def run_guide(params: Params) -> None:
     remove_checkpoint(checkpoint.directory)
 
 
-def load_guide_embeddings():
+def load_guide_embeddings() -> tuple[torch.Tensor, torch.Tensor] | None:
     """The guide's own prompt table (hidden, mask by prompt id), or None when it reads the teacher's."""
     path = GUIDE / "embeddings.safetensors"
     if not path.is_file():

@@ -13,14 +13,17 @@ change the numbers a stage writes).
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
 from ..config import AccelerationParams
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
-def make_accelerator(acceleration: AccelerationParams):
+
+def make_accelerator(acceleration: AccelerationParams) -> Accelerator:
     from accelerate import Accelerator
 
     # the explicit argument wins over `accelerate launch --mixed_precision` and the launcher's config

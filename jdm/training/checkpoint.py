@@ -24,7 +24,7 @@ import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,6 +32,9 @@ from safetensors.torch import save_file
 
 from ..io import atomic_file
 from .errors import CheckpointWriteFailed, TrainingStopped
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 FILE = re.compile(r"step-(\d+)\.safetensors$")
 META_KEY = "jdm_checkpoint"
@@ -193,14 +196,14 @@ class CheckpointSpec:
     keep: int = 2
 
     def checkpointer(self, stateful: dict[str, Any], generators: dict[str, torch.Generator],
-                     accelerator=None) -> Checkpointer:
+                     accelerator: Accelerator | None = None) -> Checkpointer:
         directory = Path(self.directory)
         if accelerator is not None and accelerator.num_processes > 1:
             directory = directory / f"process-{accelerator.process_index}"  # each has its own data RNG
         return Checkpointer(directory, self.settings, self.every, stateful, generators, keep=self.keep)
 
 
-def restore_agreed(checkpointer: Checkpointer, accelerator=None) -> int:
+def restore_agreed(checkpointer: Checkpointer, accelerator: Accelerator | None = None) -> int:
     """Restore; with several processes, all of them from the newest step every one of them has."""
     step = checkpointer.restore()
     if accelerator is None or accelerator.num_processes == 1:

@@ -15,7 +15,7 @@ accelerate, resumable, stopped with the step number when the loss or a gradient 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,15 +30,19 @@ from .loop import check_finite, check_trainable_fp32, run_steps
 from .phases import ControlData
 from .teacher import RunningLog, denoising_loss
 
+if TYPE_CHECKING:
+    from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
+
 # loss(controlnet, x0, control, hidden, mask, rng) -> scalar; the ControlNet comes in as accelerate
 # prepared it (wrapped for gradient all-reduce across processes)
 BatchLoss = Callable[..., torch.Tensor]
 
 
-def train_controlnet(controlnet, loss_fn: BatchLoss, data: ControlData, backbone: Backbone, *, steps: int,
-                     batch_size: int, lr: float, prompt_dropout: float, seed: int,
+def train_controlnet(controlnet: ControlNetModel, loss_fn: BatchLoss, data: ControlData, backbone: Backbone, *,
+                     steps: int, batch_size: int, lr: float, prompt_dropout: float, seed: int,
                      log: Callable[[int, dict], None] | None = None, checkpoint: CheckpointSpec | None = None,
-                     frozen: Sequence[torch.nn.Module] = (), acceleration: AccelerationParams = AccelerationParams()):
+                     frozen: Sequence[torch.nn.Module] = (),
+                     acceleration: AccelerationParams = AccelerationParams()) -> ControlNetModel:
     """Train `controlnet` alone for `steps` AdamW steps on `loss_fn`, resumable from `checkpoint`;
     return it, in eval mode, on the CPU. `frozen`: the networks `loss_fn` runs besides the ControlNet
     (the teacher, or the generator), placed on the same device; `acceleration`: mixed precision and
@@ -83,7 +87,7 @@ def train_controlnet(controlnet, loss_fn: BatchLoss, data: ControlData, backbone
     return accelerator.unwrap_model(controlnet).cpu().eval().requires_grad_(False)
 
 
-def teacher_loss(teacher_unet, noise_scheduler, snr_gamma: float | None) -> BatchLoss:
+def teacher_loss(teacher_unet: UNet2DConditionModel, noise_scheduler: DDPMScheduler, snr_gamma: float | None) -> BatchLoss:
     """Epsilon prediction of the frozen teacher plus the ControlNet's residuals (the teacher's own loss)."""
     teacher_unet.requires_grad_(False)
 

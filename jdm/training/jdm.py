@@ -127,7 +127,7 @@ class JDMTrainer:
         return {"loss_generator": terms.loss.item(), "fidelity_norm": terms.fidelity_norm,
                 "condition_norm": terms.condition_norm, "grad_norm_generator": grad_norm}
 
-    def fake_step(self, x: torch.Tensor, ctx) -> dict:
+    def fake_step(self, x: torch.Tensor, ctx: Any) -> dict:
         t = self._t(x)
         loss_fake = fake_score_loss(lambda x_t, t_: self.p.fake_eps(x_t, t_, ctx), x, t, self._eps(x), self.schedule)
         self.fake_opt.zero_grad(set_to_none=True)

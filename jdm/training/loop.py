@@ -13,16 +13,19 @@ JDM phases).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
 from .checkpoint import Checkpointer, restore_agreed
 from .errors import TrainingDiverged
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 
 def run_steps(checkpointer: Checkpointer | None, steps: int, step_fn: Callable[[int], None],
-              accelerator=None) -> int:
+              accelerator: Accelerator | None = None) -> int:
     """Resume, then run `step_fn(step)` up to `steps`, checkpointing every `checkpointer.every` steps
     (None: no checkpoints, e.g. a library call in a test); return the step resumed from. A non-finite
     loss or gradient (FloatingPointError from `step_fn`) stops training with the step, the value and
@@ -41,7 +44,7 @@ def run_steps(checkpointer: Checkpointer | None, steps: int, step_fn: Callable[[
     return start
 
 
-def check_finite(loss: torch.Tensor, params, what: str) -> float:
+def check_finite(loss: torch.Tensor, params: Iterable[torch.nn.Parameter], what: str) -> float:
     """Raise FloatingPointError when the loss or the gradient of `params` is NaN/Inf; return the
     gradient norm (logged: a norm that grows warns before it overflows)."""
     value = loss.item()
@@ -54,7 +57,7 @@ def check_finite(loss: torch.Tensor, params, what: str) -> float:
     return norm
 
 
-def check_trainable_fp32(params, what: str) -> None:
+def check_trainable_fp32(params: Iterable[torch.nn.Parameter], what: str) -> None:
     """Mixed precision computes in bf16/fp16 but updates fp32 master weights (accelerate autocasts);
     a trainable weight in half precision would lose small updates, so it is refused."""
     bad = {p.dtype for p in params if p.requires_grad and p.dtype != torch.float32}

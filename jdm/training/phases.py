@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -21,6 +21,12 @@ from ..objectives import VPSchedule, cfg_condition_grad, cfg_eps
 from ..variants import TEXT_TO_IMAGE_VARIANTS
 from .checkpoint import CheckpointSpec
 from .jdm import Players
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
+
+    from ..config import JDMParams
+    from ..rewards import RewardNet
 
 
 @dataclass
@@ -36,14 +42,14 @@ class ControlData:
     images: torch.Tensor | None = None  # [M,C,H,W] the images the maps came from: only the denoising
                                         # baselines train on them; JDM needs none
 
-    def to(self, device) -> "ControlData":
+    def to(self, device: torch.device | str) -> "ControlData":
         """The tensors networks read, on `device`; prompt ids stay on the CPU, where batches are drawn."""
         move = lambda x: None if x is None else x.to(device)  # noqa: E731
         return replace(self, maps=move(self.maps), hidden=move(self.hidden), mask=move(self.mask))
 
 
-def build_generator(teacher_unet, schedule: VPSchedule, condition: Condition, backbone: Backbone, t_gen: int,
-                    unet=None, with_controlnet: bool = True) -> OneStepGenerator:
+def build_generator(teacher_unet: UNet2DConditionModel, schedule: VPSchedule, condition: Condition, backbone: Backbone,
+                    t_gen: int, unet: UNet2DConditionModel | None = None, with_controlnet: bool = True) -> OneStepGenerator:
     """Phase 1: a fresh copy of the teacher UNet; phase 2: the given (frozen) generator UNet. Without
     ControlNet: a plain one-step text-to-image student (the Diff-Instruct baseline)."""
     unet = copy.deepcopy(teacher_unet).requires_grad_(True) if unet is None else unet
@@ -51,7 +57,8 @@ def build_generator(teacher_unet, schedule: VPSchedule, condition: Condition, ba
     return OneStepGenerator(unet, controlnets, schedule, t_gen)
 
 
-def prompt_and_null(unet, hidden: torch.Tensor, mask: torch.Tensor):
+def prompt_and_null(unet: UNet2DConditionModel, hidden: torch.Tensor, mask: torch.Tensor
+                    ) -> Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]:
     """`eps(x_t, t, ctx) -> (eps(x_t, y), eps(x_t, null))` from one batched pass, as CFG samplers do;
     `hidden`/`mask` [P,L,D]/[P,L] are the prompt table this model reads, looked up by `ctx["prompt_ids"]`."""
     def eps(x_t, t, ctx):
@@ -66,9 +73,9 @@ def prompt_and_null(unet, hidden: torch.Tensor, mask: torch.Tensor):
     return eps
 
 
-def unet_players(generator: OneStepGenerator, teacher_unet, fake_score, condition: Condition, data: ControlData,
-                 backbone: Backbone, rng: torch.Generator, prompt_dropout: float = 0.0,
-                 with_condition: bool = True, real_guidance_scale: float = 1.0) -> Players:
+def unet_players(generator: OneStepGenerator, teacher_unet: UNet2DConditionModel, fake_score: UNet2DConditionModel,
+                 condition: Condition | None, data: ControlData, backbone: Backbone, rng: torch.Generator,
+                 prompt_dropout: float = 0.0, with_condition: bool = True, real_guidance_scale: float = 1.0) -> Players:
     """Bind prompts and controls: the generator and the condition see the control, the teacher and
     the fake score see only the prompt (method.md: the teacher never needs to understand c).
     `with_condition=False` drops the condition term: plain score distillation (Diff-Instruct, Eq. 12).
@@ -105,9 +112,10 @@ def unet_players(generator: OneStepGenerator, teacher_unet, fake_score, conditio
                    log_likelihood=log_likelihood if with_condition else None)
 
 
-def text_to_image_players(variant: str, generator: OneStepGenerator, teacher_unet, fake_score, data: ControlData,
-                          backbone: Backbone, schedule: VPSchedule, rng: torch.Generator, *,
-                          guidance_scale: float = 1.0, guide_unet=None, guide_embeddings=None, reward=None,
+def text_to_image_players(variant: str, generator: OneStepGenerator, teacher_unet: UNet2DConditionModel,
+                          fake_score: UNet2DConditionModel, data: ControlData, backbone: Backbone, schedule: VPSchedule,
+                          rng: torch.Generator, *, guidance_scale: float = 1.0, guide_unet: UNet2DConditionModel | None = None,
+                          guide_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, reward: RewardNet | None = None,
                           prompt_dropout: float = 0.0) -> Players:
     """The players of one text-to-image variant (no ControlNet):
 
@@ -148,9 +156,10 @@ def _adam(groups, p) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=tuple(p.adam_betas), weight_decay=0.0)
 
 
-def train_phase(generator: OneStepGenerator, teacher_unet, fake_score, condition: Condition, data: ControlData,
-                backbone: Backbone, schedule: VPSchedule, p, steps: int, *,
-                train_unet: bool, seed: int, checkpoint: CheckpointSpec | None, log,
+def train_phase(generator: OneStepGenerator, teacher_unet: UNet2DConditionModel, fake_score: UNet2DConditionModel,
+                condition: Condition | None, data: ControlData, backbone: Backbone, schedule: VPSchedule, p: JDMParams,
+                steps: int, *,
+                train_unet: bool, seed: int, checkpoint: CheckpointSpec | None, log: Callable[[int, dict], None],
                 evaluate: Callable[[], dict] | None = None,
                 make_players: Callable[[torch.Generator, ControlData], Players] | None = None,
                 frozen: Sequence[torch.nn.Module] = (), acceleration: AccelerationParams = AccelerationParams()) -> int:

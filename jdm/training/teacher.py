@@ -7,7 +7,7 @@ is saved and sampled), min-SNR loss weighting, warm-up then cosine learning rate
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,12 @@ from .accel import compile_networks, make_accelerator
 from .checkpoint import CheckpointSpec
 from .loop import check_finite, check_trainable_fp32, run_steps
 
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
-def denoising_loss(unet, noise_scheduler, x0, hidden, mask, generator, snr_gamma: float | None):
+
+def denoising_loss(unet: Callable[..., Any], noise_scheduler: DDPMScheduler, x0: torch.Tensor, hidden: torch.Tensor,
+                   mask: torch.Tensor, generator: torch.Generator, snr_gamma: float | None) -> torch.Tensor:
     """Epsilon-prediction loss, min-SNR-gamma weighted (Hang et al. 2023) when `snr_gamma` is set."""
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     t = torch.randint(noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
@@ -39,8 +43,8 @@ def denoising_loss(unet, noise_scheduler, x0, hidden, mask, generator, snr_gamma
 
 def train_teacher(params: TeacherParams, train: Split, embeddings: tuple[torch.Tensor, torch.Tensor],
                   backbone: Backbone, *, seed: int, log: Callable[[int, dict], None] | None = None,
-                  checkpoint: CheckpointSpec | None = None, init_unet=None,
-                  acceleration: AccelerationParams = AccelerationParams()):
+                  checkpoint: CheckpointSpec | None = None, init_unet: UNet2DConditionModel | None = None,
+                  acceleration: AccelerationParams = AccelerationParams()) -> tuple[UNet2DConditionModel, DDPMScheduler]:
     """Train the teacher UNet; return (EMA UNet on the CPU, noise scheduler). Resumable from `checkpoint`.
     `init_unet`: start from a copy of these weights instead of a fresh UNet (decoupled CFG's guidance
     model is the teacher trained further).
