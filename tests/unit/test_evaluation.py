@@ -158,7 +158,8 @@ def test_samplers_are_seeded_and_count_their_evaluations(teacher):
         assert a.shape == (6, 1, 16, 16) and 0 <= a.min() and a.max() <= 1
         assert torch.equal(a, generate(sampler, hidden, mask, None, batch_size=4, seed=5))
         assert not torch.equal(a, generate(sampler, hidden, mask, None, batch_size=4, seed=6))
-    assert latency_ms(multi, hidden, mask, None, repeats=2) > latency_ms(one, hidden, mask, None, repeats=2)
+    # a time, not a comparison of times (that is benchmarks/inference.py's, side by side in one run)
+    assert all(0 < latency_ms(s, hidden, mask, None, repeats=2) < float("inf") for s in (one, multi))
 
 
 def test_score_gives_every_number_its_interval(smoke_params, tmp_path, monkeypatch):
