@@ -173,13 +173,13 @@ class EvaluationParams(Section):
 
 
 class JDMParams(Section):
-    """The JDM objective, players and optimisers, shared by both warm-up phases (method.md)."""
+    """The JDM objective, players and optimisers, shared by both warm-up phases (docs/method.md)."""
     # the one-step generator runs the UNet at this timestep; SD 1.5 uses 999 (alpha ~ 0.07); on the
     # cosine schedule alpha_999 ~ 5e-5 would divide the noise prediction by ~0, so tiny uses 950 (alpha ~ 0.08)
     t_gen: int = Field(950, ge=1)
     lora_rank: PositiveInt = 8
     condition_weight: float = Field(1.0, ge=0.0)
-    # the condition term only for t <= condition_t_max * T (method.md: it diverges at high t); null = all t.
+    # the condition term only for t <= condition_t_max * T (docs/method.md: it diverges at high t); null = all t.
     # On the analytic test (cosine schedule) 0.5 T kept only the 2 modes farthest from the condition
     # boundary; 0.2 T covered all 4
     condition_t_max: Optional[float] = Field(0.2, gt=0.0, le=1.0)
@@ -230,7 +230,7 @@ class ControlNetParams(Section):
 
 
 class BaselinesParams(Section):
-    """paper/dvc.yaml: the one-step baselines and ablations (method.md). The Diff-Instruct generator
+    """paper/dvc.yaml: the one-step baselines and ablations (docs/method.md). The Diff-Instruct generator
     trains for `warmup.steps` (JDM phase 1 without condition term or ControlNet); implicit, w/o warm-up
     and w/o modelling train like the extension phase (`jdm` and `extend` sections)."""
     denoising_steps: PositiveInt = 300    # Eq. 11: a ControlNet regressed on data through the frozen DI generator

@@ -1,4 +1,4 @@
-"""The JDM objective (method.md): fake score, consistency LoRA, and the generator update.
+"""The JDM objective (docs/method.md): fake score, consistency LoRA, and the generator update.
 
 Every function takes the networks as callables `eps(x_t, t) -> noise prediction` (prompts and
 controls already bound), so the same code trains 2-D toy players with exact scores and UNets.
@@ -69,7 +69,7 @@ def consistency_loss(consistency_eps: EpsFn, target_eps: EpsFn, x: torch.Tensor,
                      k: torch.Tensor, ladder: torch.Tensor, schedule: VPSchedule) -> torch.Tensor:
     """Eq. 8: f(x_{t_k}, t_k) matches sg f(x_{t_{k-1}}, t_{k-1}); both from the same x and eps.
 
-    `target_eps` is the EMA of the consistency model (the measured-stable choice, method.md)."""
+    `target_eps` is the EMA of the consistency model (the measured-stable choice, docs/method.md)."""
     x = x.detach()
     t_hi, t_lo = ladder[k].to(x.device), ladder[k - 1].to(x.device)
     pred = consistency_fn(consistency_eps, schedule.noisy(x, eps, t_hi), t_hi, schedule)
@@ -97,7 +97,7 @@ def cfg_eps(eps_prompt: torch.Tensor, eps_null: torch.Tensor, scale: float) -> t
 
 def cfg_condition_grad(eps_prompt: torch.Tensor, eps_null: torch.Tensor, sigma: torch.Tensor,
                        weight: float) -> torch.Tensor:
-    """Decoupled CFG (method.md): grad_{x_t} log p(y | x_t)^w = -(w / sigma_t) (eps_g(x_t, y) - eps_g(x_t, null))
+    """Decoupled CFG (docs/method.md): grad_{x_t} log p(y | x_t)^w = -(w / sigma_t) (eps_g(x_t, y) - eps_g(x_t, null))
     from a guidance model eps_g, the condition term beside the teacher's unguided fidelity term. With eps_g
     the teacher and w = s - 1 the two add up to the coupled baseline's CFG'd real score (`cfg_eps`)."""
     return -(weight / sigma) * (eps_prompt - eps_null)
@@ -115,7 +115,7 @@ def generator_loss(x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, schedule
                    condition: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                    condition_weight: float = 1.0, condition_t_max: int | None = None,
                    condition_on_x: bool = False) -> GeneratorTerms:
-    """The JDM generator update (method.md, 'in practice').
+    """The JDM generator update (docs/method.md, 'in practice').
 
     g = w_t [ (s_real - s_fake)(x_t) + lambda_c 1[t <= t_max] grad_{x_t} log p(c | x_t) ], moved along by
     descent on 0.5 ||x - sg(x + g)||^2; w_t = sigma_t^2 / alpha_t / mean|x - x0_real| (DMD's normaliser).

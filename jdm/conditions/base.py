@@ -21,7 +21,7 @@ class Condition:
       the image, so one ControlNet input shape serves every condition).
     - `surrogate(images)`: a differentiable stand-in for `extract` (itself, where it is differentiable).
     - `log_likelihood(x, c)`: differentiable `log p(c | x)` per sample, a Laplace likelihood
-      `-||h(x) - c||_1 / tau` (method.md), used for `grad log p(c | x_t)` in JDM. The norm is a sum
+      `-||h(x) - c||_1 / tau` (docs/method.md), used for `grad log p(c | x_t)` in JDM. The norm is a sum
       over pixels, not a mean: the gradient per pixel then does not shrink as the resolution grows.
     """
 

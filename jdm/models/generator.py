@@ -1,6 +1,6 @@
 """The one-step generator G(z, y, c): a teacher-initialised UNet plus one ControlNet per condition.
 
-x = (z - sigma_T eps_hat) / alpha_T at the fixed conditioning timestep t_gen (method.md). The UNet is
+x = (z - sigma_T eps_hat) / alpha_T at the fixed conditioning timestep t_gen (docs/method.md). The UNet is
 shared by every control (phase 1 trains it, phase 2 freezes it); the ControlNets are per condition.
 """
 

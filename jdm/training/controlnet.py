@@ -1,4 +1,4 @@
-"""ControlNets trained by denoising on data: the baselines JDM is measured against (method.md).
+"""ControlNets trained by denoising on data: the baselines JDM is measured against (docs/method.md).
 
 - On the teacher (`train_controlnet_on_teacher`): the ControlNet of diffusers'
   `examples/controlnet/train_controlnet.py` -- the teacher frozen, epsilon-prediction loss on noised

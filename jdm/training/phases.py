@@ -77,7 +77,7 @@ def unet_players(generator: OneStepGenerator, teacher_unet: UNet2DConditionModel
                  condition: Condition | None, data: ControlData, backbone: Backbone, rng: torch.Generator,
                  prompt_dropout: float = 0.0, with_condition: bool = True, real_guidance_scale: float = 1.0) -> Players:
     """Bind prompts and controls: the generator and the condition see the control, the teacher and
-    the fake score see only the prompt (method.md: the teacher never needs to understand c).
+    the fake score see only the prompt (docs/method.md: the teacher never needs to understand c).
     `with_condition=False` drops the condition term: plain score distillation (Diff-Instruct, Eq. 12).
     `real_guidance_scale` s != 1 guides the real score with the teacher's classifier-free guidance
     (DMD's coupled form): the student then matches the distribution the teacher samples with CFG s,
