@@ -105,8 +105,8 @@ def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") ->
     from ..training.phases import build_generator, train_phase
 
     setup(params)
-    v = VARIANTS[method]
-    p = params.jdm.model_copy(update=dict(v.overrides))
+    variant = VARIANTS[method]
+    jdm_params = params.jdm.model_copy(update=dict(variant.overrides))
     condition = load_condition(name, params, MODELS)
     prepared = jdata.PreparedData.load(PREPARED)
     data, held_out = control_data(prepared, name)
@@ -117,36 +117,36 @@ def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") ->
     backbone = build_backbone(params)
     if phase == "warmup":
         steps, shared_unet = params.warmup.steps, None
-        fake, _ = build_fake_score(teacher_unet, p.lora_rank)
+        fake, _ = build_fake_score(teacher_unet, jdm_params.lora_rank)
     else:
         # a ControlNet for the warm-up's own condition (Eq. 12 and w/o warm-up on canny) trains as long as
         # JDM's phase 1 trained its: the rows compared differ in the method, not in the budget
         steps = params.warmup.steps if name == params.warmup.condition else params.extend.steps
-        shared_unet = load_generator(v.source / "generator", primary=False)[0].unet
+        shared_unet = load_generator(variant.source / "generator", primary=False)[0].unet
         # the warm-up's fake score already models this generator's distribution: start from it
-        fake, _ = load_fake_score(v.source / "fake_score", p.lora_rank)
-    generator = build_generator(teacher_unet, schedule, condition, backbone, p.t_gen, unet=shared_unet,
-                                with_controlnet=v.with_controlnet)
-    unet_before = {k: v.clone() for k, v in generator.unet.state_dict().items()} if shared_unet is not None else None
-    stage_params = {**section(params, "jdm", phase, "acceleration"), "jdm": p.model_dump(mode="json")}
-    stage, metrics_file, ckpt_dir = _variant_paths(v, phase, name)
+        fake, _ = load_fake_score(variant.source / "fake_score", jdm_params.lora_rank)
+    generator = build_generator(teacher_unet, schedule, condition, backbone, jdm_params.t_gen, unet=shared_unet,
+                                with_controlnet=variant.with_controlnet)
+    unet_before = {k: w.clone() for k, w in generator.unet.state_dict().items()} if shared_unet is not None else None
+    stage_params = {**section(params, "jdm", phase, "acceleration"), "jdm": jdm_params.model_dump(mode="json")}
+    stage, metrics_file, ckpt_dir = _variant_paths(variant, phase, name)
     curve = []  # the validation scores against the step: MLflow's metric history and a DVC plot
 
     def evaluate():
         scores = validate(generator, condition, backbone, held_out, prepared.prompt_classes, classifier,
-                          p.eval_samples, params.seed)[0]
+                          jdm_params.eval_samples, params.seed)[0]
         return {f"eval_{k}": val for k, val in scores.items() if k != "num_eval_maps"}
 
     with stage_run(stage, params.profile, stage_params, condition=name, tags={"method": method}) as mlflow:
         log_step = recording(logger(mlflow), curve)
         start = time.perf_counter()
-        resumed_from = train_phase(generator, teacher_unet, fake, condition, data, backbone, schedule, p, steps,
+        resumed_from = train_phase(generator, teacher_unet, fake, condition, data, backbone, schedule, jdm_params, steps,
                                    train_unet=shared_unet is None, seed=params.seed, log=log_step,
                                    checkpoint=checkpoint_spec(params, ckpt_dir, _phase_settings(params, phase, name, method)),
                                    evaluate=evaluate, acceleration=params.acceleration)
         metrics = {"train_seconds": time.perf_counter() - start, "steps": steps, "resumed_from_step": resumed_from}
         scores, grid = validate(generator, condition, backbone, held_out, prepared.prompt_classes, classifier,
-                                p.eval_samples, params.seed)
+                                jdm_params.eval_samples, params.seed)
         metrics.update(scores)
         mlflow.log_image(grid, f"{condition_slug(name)}_validation.png")
         write_json(curve, curve_path(metrics_file))
@@ -158,15 +158,15 @@ def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") ->
             metrics["generator_unchanged"] = 1.0
         if phase == "warmup":
             meta = {"image_size": params.data.image_size, "image_channels": backbone.image_channels,
-                    "vae": params.teacher.pretrained, "primary_condition": name if v.with_controlnet else None,
+                    "vae": params.teacher.pretrained, "primary_condition": name if variant.with_controlnet else None,
                     "text_encoder": params.text_encoder.model_dump(mode="json")}
-            with atomic_dir(v.root / "generator") as out:
+            with atomic_dir(variant.root / "generator") as out:
                 save_generator(generator, noise_scheduler, out, meta)
-            with atomic_dir(v.root / "fake_score") as out:
+            with atomic_dir(variant.root / "fake_score") as out:
                 save_fake_score(fake, out)
-            mlflow.log_artifacts(str(v.root / "generator"), "generator")
+            mlflow.log_artifacts(str(variant.root / "generator"), "generator")
         else:
-            out_dir = v.root / f"controlnet-{condition_slug(name)}"
+            out_dir = variant.root / f"controlnet-{condition_slug(name)}"
             with atomic_dir(out_dir) as out:
                 save_controlnet(generator.controlnet(condition.name), name, out)
             mlflow.log_artifacts(str(out_dir), "controlnet")

@@ -166,7 +166,7 @@ def run_text_to_image(params: Params, variant: str) -> None:
     setup(params)
     t = params.text_to_image
     overrides = text_to_image_overrides(variant, t.reward_weight)
-    p = params.jdm.model_copy(update=overrides)
+    jdm_params = params.jdm.model_copy(update=overrides)
     prepared = jdata.PreparedData.load(PREPARED)
     train = prepared.split("train")
     hidden, mask = prepared.embeddings()
@@ -176,7 +176,7 @@ def run_text_to_image(params: Params, variant: str) -> None:
     backbone = build_backbone(params)
     source = VARIANTS["di"].root
     generator, _, meta = load_generator(source / "generator", primary=False)
-    fake, _ = load_fake_score(source / "fake_score", p.lora_rank)
+    fake, _ = load_fake_score(source / "fake_score", jdm_params.lora_rank)
     guide_unet = load_teacher(GUIDE)[0] if variant == "decoupled-cfg" else None
     guide_embeddings = load_guide_embeddings() if variant == "decoupled-cfg" else None
     reward = load_reward(REWARDS / "train") if variant.startswith("hfl") else None
@@ -185,14 +185,14 @@ def run_text_to_image(params: Params, variant: str) -> None:
         return text_to_image_players(variant, generator, teacher_unet, fake, data, backbone, schedule, rng,
                                      guidance_scale=t.guidance_scale, guide_unet=guide_unet,
                                      guide_embeddings=guide_embeddings, reward=reward,
-                                     prompt_dropout=p.prompt_dropout)
+                                     prompt_dropout=jdm_params.prompt_dropout)
 
-    stage_params = {**section(params, "jdm", "text_to_image", "acceleration"), "jdm": p.model_dump(mode="json"),
+    stage_params = {**section(params, "jdm", "text_to_image", "acceleration"), "jdm": jdm_params.model_dump(mode="json"),
                     "variant": variant}
     ckpt_dir = CHECKPOINTS / f"text-to-image-{variant}"
     with stage_run("text-to-image", params.profile, stage_params, condition="text", tags={"method": variant}) as mlflow:
         start = time.perf_counter()
-        resumed_from = train_phase(generator, teacher_unet, fake, None, data, backbone, schedule, p, t.steps,
+        resumed_from = train_phase(generator, teacher_unet, fake, None, data, backbone, schedule, jdm_params, t.steps,
                                    train_unet=True, seed=params.seed, log=logger(mlflow),
                                    checkpoint=checkpoint_spec(params, ckpt_dir, {**stage_params, "method": variant}),
                                    make_players=make_players, frozen=[m for m in (guide_unet, reward) if m is not None],
