@@ -55,7 +55,7 @@ test: install
 	ruff check .
 	pytest -q
 
-# the unit tests alone (tests/unit, under 3 minutes), for your own loop; `make test` adds tests/e2e
+# the unit tests alone (tests/unit), for your own loop; `make test` adds tests/e2e
 test-fast: install
 	ruff check .
 	pytest -q tests/unit
