@@ -42,9 +42,23 @@ def smoke_workspace(smoke_build):
     mlflow.db (the experiment's artifact location) and DVC's state hold absolute paths. Fresh mtimes, so
     DVC hashes every output again instead of trusting what it recorded for a file the last test wrote."""
     work, built = smoke_build
+    _forget_sqlite_engines()
     shutil.rmtree(work)
     shutil.copytree(built, work, symlinks=True, copy_function=shutil.copy)
     return work
+
+
+def _forget_sqlite_engines():
+    """MLflow keeps one SQLAlchemy engine per store URI for the life of the process; after mlflow.db is
+    replaced by the snapshot's copy, an engine an earlier test opened in this process would still write
+    to the deleted file ("attempt to write a readonly database"). Dispose of them (a private map)."""
+    import importlib
+
+    for module in ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store"):
+        store = importlib.import_module(module).SqlAlchemyStore
+        for engine in store._engine_map.values():
+            engine.dispose()
+        store._engine_map.clear()
 
 
 def params_file(work, name, **sections):
