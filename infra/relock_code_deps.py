@@ -29,12 +29,15 @@ def main() -> int:
     from ruamel.yaml import YAML
 
     problems, refreshed = [], []
+    recorded_locks: dict[Path, dict] = {}  # each lock as it was before this run, parsed once
     with Repo(str(ROOT)) as repo:
         for stage in repo.index.stages:
             lock_path = Path(getattr(stage.dvcfile, "path", "")).with_suffix(".lock")
             if not getattr(stage, "cmd", None) or not lock_path.is_file():
                 continue
-            entry = YAML(typ="safe").load(lock_path.read_text())["stages"].get(stage.name)
+            if lock_path not in recorded_locks:
+                recorded_locks[lock_path] = YAML(typ="safe").load(lock_path.read_text())["stages"]
+            entry = recorded_locks[lock_path].get(stage.name)
             if entry is None:
                 continue
             if entry["cmd"] != stage.cmd:
