@@ -6,8 +6,8 @@ are timed in the same run, interleaved over rounds, so each is kept only if it s
 
     python benchmarks/inference.py [--profile tiny] [--batch 16] [--condition canny] [--check]
 
-`--check` (CI, on smoke) exits 1 unless the one-step path is faster than the multi-step one: a
-relation, not an absolute time. Writes benchmarks/results/inference_<profile>.json. Run alone.
+`--check` exits 1 unless the one-step path is faster than the multi-step one (a relation, not an
+absolute time), for a regression gate on a quiet machine. Writes benchmarks/results/inference_<profile>.json. Run alone.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ import pytest
 
 from ..conftest import REPO
 
+# no pooled SQLite connections in the test process: each MLflow session opens mlflow.db anew, so none
+# outlives the file a test's workspace restore replaces (see _forget_sqlite_engines)
+os.environ["MLFLOW_SQLALCHEMYSTORE_POOLCLASS"] = "NullPool"
+
 
 def workspace_copy(dst):
     """The repository as a clean clone would have it (tracked and untracked-but-not-ignored files)."""
@@ -49,9 +53,11 @@ def smoke_workspace(smoke_build):
 
 
 def _forget_sqlite_engines():
-    """MLflow keeps one SQLAlchemy engine per store URI for the life of the process; after mlflow.db is
-    replaced by the snapshot's copy, an engine an earlier test opened in this process would still write
-    to the deleted file ("attempt to write a readonly database"). Dispose of them (a private map)."""
+    """MLflow keeps one store per URI (an lru_cache in each store registry) and one SQLAlchemy engine per
+    database for the life of the process; after mlflow.db is replaced by the snapshot's copy, a store or
+    pooled connection an earlier test opened in this process would still read and write the deleted file
+    ("attempt to write a readonly database", runs the stages logged missing). Forget all of them (private
+    maps); pooling itself is off in this process (MLFLOW_SQLALCHEMYSTORE_POOLCLASS, above)."""
     import importlib
 
     for module in ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store"):
@@ -59,6 +65,11 @@ def _forget_sqlite_engines():
         for engine in store._engine_map.values():
             engine.dispose()
         store._engine_map.clear()
+    from mlflow.tracking._model_registry.utils import _get_store_registry
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    for registry in (_tracking_store_registry, _get_store_registry()):
+        registry._get_store_with_resolved_uri.cache_clear()
 
 
 def params_file(work, name, **sections):

