@@ -30,6 +30,7 @@ def main() -> int:
 
     problems, refreshed = [], []
     recorded_locks: dict[Path, dict] = {}  # each lock as it was before this run, parsed once
+    to_write: dict[Path, tuple] = {}  # each lock's dvcfile and its stages: one write per lock file
     with Repo(str(ROOT)) as repo:
         for stage in repo.index.stages:
             lock_path = Path(getattr(stage.dvcfile, "path", "")).with_suffix(".lock")
@@ -59,8 +60,10 @@ def main() -> int:
                     old = recorded[Path(dep.fs_path).resolve()]
                     dep.hash_info = HashInfo("md5", old["md5"])
                     dep.meta = Meta(size=old.get("size"), nfiles=old.get("nfiles"), isdir=old["md5"].endswith(".dir"))
-            stage.dvcfile.dump(stage, update_pipeline=False)
+            to_write.setdefault(lock_path, (stage.dvcfile, []))[1].append(stage)
             refreshed.append(stage.addressing)
+        for dvcfile, stages in to_write.values():
+            dvcfile.dump_stages(stages, update_pipeline=False)  # a whole lock parsed and written once, not per stage
     print(f"{len(refreshed)} stages refreshed")
     for p in problems:
         print(f"refused: {p}")

@@ -1,5 +1,5 @@
 """A problem with a known answer: a 2-D Gaussian mixture with an exact teacher score, and a condition
-the teacher does not know. The proof that the JDM maths is implemented (tests/unit/test_jdm_analytic.py).
+the teacher does not know. The proof that the JDM maths is implemented (tests/e2e/test_jdm_analytic_e2e.py).
 """
 
 from __future__ import annotations

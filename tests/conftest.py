@@ -1,4 +1,5 @@
-"""What both halves of the suite share: the offline switches, the repository root, two torch threads.
+"""What both halves of the suite share: the offline switches, the repository root, two torch threads,
+the smoke profile's params.
 tests/unit/conftest.py and tests/e2e/conftest.py hold what only one half uses."""
 
 import os
@@ -20,3 +21,9 @@ def _threads():
     # tests run one at a time; two cores for torch, never more (oversubscription costs 4-40x here)
     import torch
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def smoke_params():
+    from jdm.profiles import profile_params
+    return profile_params("smoke", REPO)

@@ -3,7 +3,6 @@ import sys
 
 import pytest
 
-from ..conftest import REPO
 
 
 @pytest.fixture(autouse=True)
@@ -16,12 +15,6 @@ def _global_rng():
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
-
-
-@pytest.fixture
-def smoke_params():
-    from jdm.profiles import profile_params
-    return profile_params("smoke", REPO)
 
 
 @pytest.fixture
