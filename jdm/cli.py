@@ -138,12 +138,33 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if len(args.condition) != len(args.control):
         raise UserError(f"give one --control per --condition (got {len(args.condition)} conditions, "
                         f"{len(args.control)} control maps)")
+    out = _image_out_path(args.out)
     pipe = OneStepControlPipeline.from_workspace(args.models, args.condition)
     controls = {c: _read_control(f) for c, f in zip(args.condition, args.control)}
     image = pipe([args.prompt], controls, generator=torch.Generator().manual_seed(args.seed))[0]
     array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(args.out)
-    print(f"wrote {args.out} ({'+'.join(args.condition)}, 1 network evaluation)")
+    try:
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(out)
+    except OSError as err:
+        raise UserError(f"cannot write --out {args.out!r} ({err})") from None
+    print(f"wrote {out} ({'+'.join(args.condition)}, 1 network evaluation)")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _image_out_path(out: str) -> Path:
+    """`--out` checked before any work: an image file of a format Pillow writes; its folder is made."""
+    path = Path(out)
+    if path.is_dir():
+        raise UserError(f"--out {out!r} is a directory; give an image file path, e.g. {str(path / 'sample.png')!r}")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"--out {out!r} has suffix {path.suffix or '(none)'!r}; allowed: {', '.join(IMAGE_SUFFIXES)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot make the folder of --out {out!r} ({err})") from None
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
