@@ -20,6 +20,7 @@ from .variants import TRAINED_BASELINES  # noqa: E402
 if TYPE_CHECKING:
     import torch
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what `jdm sample --out` writes
 STAGES = ("data", "annotator", "judge", "conditions", "teacher", "evaluate-teacher", "warmup", "extend", "controlnet",
           "reference")
 
@@ -148,9 +149,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
     except OSError as err:
         raise UserError(f"cannot write --out {args.out!r} ({err})") from None
     print(f"wrote {out} ({'+'.join(args.condition)}, 1 network evaluation)")
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def _image_out_path(out: str) -> Path:
