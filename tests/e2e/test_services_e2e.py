@@ -3,6 +3,7 @@ applied, an MLflow server, on free loopback ports; then `prefect deployment run 
 as a user types it. Everything started is stopped by PID at the end."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -51,11 +52,12 @@ def lose_output(work, stage, path):
     must run its stage again. Deleting the folder alone is not enough: DVC checks it out from the cache."""
     import shutil
 
-    import yaml
+    from dvc.repo import Repo
 
-    outs = yaml.safe_load((work / "dvc.lock").read_text())["stages"][stage]["outs"]
-    md5 = next(o["md5"] for o in outs if o["path"] == path)
-    (work / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).unlink()  # a folder's manifest: its files stay orphans
+    with Repo(str(work)) as repo:
+        out = next(o for o in repo.stage.collect(f"{work / 'dvc.yaml'}:{stage}")[0].outs if o.def_path == path)
+        # a folder's manifest (`<md5>.dir`): without it the folder cannot be checked out; its files stay orphans
+        os.remove(repo.cache.local.oid_to_path(out.hash_info.value))
     shutil.rmtree(work / path)
 
 
