@@ -6,8 +6,9 @@ import pytest
 
 from ..conftest import REPO
 
-# no pooled SQLite connections in the test process: each MLflow session opens mlflow.db anew, so none
-# outlives the file a test's workspace restore replaces (see _forget_sqlite_engines)
+# no pooled SQLite connections in the test process (MLflow's own setting): each MLflow session opens
+# mlflow.db anew, so none outlives the file a test's workspace restore replaces (an earlier test's
+# in-process client otherwise wrote to the deleted file: "attempt to write a readonly database")
 os.environ["MLFLOW_SQLALCHEMYSTORE_POOLCLASS"] = "NullPool"
 
 
@@ -46,30 +47,9 @@ def smoke_workspace(smoke_build):
     mlflow.db (the experiment's artifact location) and DVC's state hold absolute paths. Fresh mtimes, so
     DVC hashes every output again instead of trusting what it recorded for a file the last test wrote."""
     work, built = smoke_build
-    _forget_sqlite_engines()
     shutil.rmtree(work)
     shutil.copytree(built, work, symlinks=True, copy_function=shutil.copy)
     return work
-
-
-def _forget_sqlite_engines():
-    """MLflow keeps one store per URI (an lru_cache in each store registry) and one SQLAlchemy engine per
-    database for the life of the process; after mlflow.db is replaced by the snapshot's copy, a store or
-    pooled connection an earlier test opened in this process would still read and write the deleted file
-    ("attempt to write a readonly database", runs the stages logged missing). Forget all of them (private
-    maps); pooling itself is off in this process (MLFLOW_SQLALCHEMYSTORE_POOLCLASS, above)."""
-    import importlib
-
-    for module in ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store"):
-        store = importlib.import_module(module).SqlAlchemyStore
-        for engine in store._engine_map.values():
-            engine.dispose()
-        store._engine_map.clear()
-    from mlflow.tracking._model_registry.utils import _get_store_registry
-    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
-
-    for registry in (_tracking_store_registry, _get_store_registry()):
-        registry._get_store_with_resolved_uri.cache_clear()
 
 
 def params_file(work, name, **sections):
