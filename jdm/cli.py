@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .env import set_offline_env
 
@@ -16,9 +15,6 @@ from .config import PROFILES, ParamsError, load_params  # noqa: E402
 from .profiles import profile_params, profile_path, render_profile, seed_params  # noqa: E402
 from .training.errors import TrainingStopped  # noqa: E402
 from .variants import TRAINED_BASELINES  # noqa: E402
-
-if TYPE_CHECKING:
-    import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what `jdm sample --out` writes
 STAGES = ("data", "annotator", "judge", "conditions", "teacher", "evaluate-teacher", "warmup", "extend", "controlnet",
@@ -100,55 +96,63 @@ def cmd_stage(args: argparse.Namespace) -> None:
             phases.run_jdm_phase(params, name, variant_phase(args.method, name, params.warmup.condition), args.method)
 
 
-def _read_control(path: str) -> "torch.Tensor":
-    """A control map image as [1, C, H, W] in [0,1]: grayscale -> 1 channel, RGB -> 3; 8-bit (L, RGB,
-    and RGBA/P/1 converted) or 16-bit grayscale (depth maps often are)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    try:
-        image = Image.open(path)
-        image.load()  # a truncated file fails here, not inside the network
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"control map {path!r} is not a readable image ({err})") from None
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        if array.min() < 0 or array.max() > 65535:
-            raise UserError(f"control map {path!r} has 32-bit values in [{array.min():.0f}, {array.max():.0f}]; "
-                            f"allowed: 8-bit or 16-bit images")
-        array = (array / 65535).astype(np.float32)
-    elif image.mode in ("L", "RGB", "LA", "RGBA", "P", "PA", "1"):
-        if image.mode not in ("L", "RGB"):
-            image = image.convert("RGB" if len(image.getbands()) >= 3 else "L")
-        array = np.asarray(image, dtype=np.float32) / 255
-    else:
-        raise UserError(f"control map {path!r} has pixel mode {image.mode}; allowed: 8-bit grayscale or RGB "
-                        f"(L, RGB, RGBA, P) or 16-bit grayscale (I;16)")
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    return torch.from_numpy(array.copy())[None]
-
-
 def cmd_sample(args: argparse.Namespace) -> None:
     """One-step generation: prompt + one or more control maps -> image (NFE 1)."""
     import torch
-    from PIL import Image
 
-    from .pipeline import OneStepControlPipeline
+    from .pipeline import read_control
 
     if len(args.condition) != len(args.control):
         raise UserError(f"give one --control per --condition (got {len(args.condition)} conditions, "
                         f"{len(args.control)} control maps)")
     out = _image_out_path(args.out)
-    pipe = OneStepControlPipeline.from_workspace(args.models, args.condition)
-    controls = {c: _read_control(f) for c, f in zip(args.condition, args.control)}
-    image = pipe([args.prompt], controls, generator=torch.Generator().manual_seed(args.seed))[0]
-    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    pipe = _load_pipeline(args.models, args.condition)
+    controls = {c: read_control(f) for c, f in zip(args.condition, args.control)}
+    image = pipe(args.prompt, controls, generator=torch.Generator().manual_seed(args.seed)).images[0]
     try:
-        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(out)
+        image.save(out)
     except OSError as err:
         raise UserError(f"cannot write --out {args.out!r} ({err})") from None
     print(f"wrote {out} ({'+'.join(args.condition)}, 1 network evaluation)")
+
+
+def _load_pipeline(models: str, conditions: list[str]):
+    """A folder `jdm export` wrote (model_index.json), or the training stages' folders (generator/ and
+    controlnet-<condition>/)."""
+    from .pipeline import OneStepControlPipeline
+
+    if (Path(models) / "model_index.json").is_file():
+        return OneStepControlPipeline.from_pretrained(models)
+    return OneStepControlPipeline.from_workspace(models, conditions)
+
+
+EXPORTED_METRICS = ("fid_inception", "kid_inception", "consistency", "prompt_accuracy", "num_samples")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """The trained generator and the named conditions' ControlNets as one diffusers folder with a model card."""
+    import json
+
+    from .pipeline import OneStepControlPipeline
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {args.out!r} is not empty; give a new folder (nothing was written)")
+    pipe = OneStepControlPipeline.from_workspace(args.models, args.condition)
+    trained_on = None
+    if Path(args.params).is_file():
+        p = load_params(args.params)
+        trained_on = (f"Profile `{p.profile}` ({args.params} when exported): data `{p.data.source}` at {p.data.image_size} px, "
+                      f"text encoder `{p.text_encoder.kind}`; warm-up {p.warmup.steps} iterations on {p.warmup.condition}, "
+                      f"each further condition {p.extend.steps} iterations, batch {p.jdm.batch_size}.")
+    metrics = {}
+    for c in pipe.conditions:
+        scores = Path(args.metrics) / f"jdm-{c}.json"
+        if scores.is_file():
+            row = json.loads(scores.read_text())
+            metrics[c] = {k: row[k] for k in EXPORTED_METRICS if k in row}
+    pipe.save_pretrained(out, trained_on=trained_on, metrics=metrics)
+    print(f"wrote {out}: conditions {', '.join(pipe.conditions)}; load it with OneStepControlPipeline.from_pretrained")
 
 
 def _image_out_path(out: str) -> Path:
@@ -227,8 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output image path")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--models", default="models/jdm",
-                   help="folder with generator/ (from the warm-up) and controlnet-<condition>/ (from extensions)")
+                   help="folder with generator/ (from the warm-up) and controlnet-<condition>/ (from extensions), "
+                        "or a folder `jdm export` wrote")
     p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("export", help="the generator and ControlNets as one diffusers pipeline folder with a model card")
+    p.add_argument("--condition", action="append", required=True, help="a condition whose ControlNet goes in (repeatable)")
+    p.add_argument("--out", required=True, help="a new folder (model_index.json, one subfolder per module, README.md)")
+    p.add_argument("--models", default="models/jdm", help="folder with generator/ and controlnet-<condition>/")
+    p.add_argument("--metrics", default="metrics/eval", help="where jdm-<condition>.json scores are read for the card")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -1,25 +1,38 @@
-"""The one-step controllable generator as users load it: a shared UNet and one ControlNet per condition.
+"""The one-step controllable generator as users load it: a diffusers `DiffusionPipeline` over the
+generator UNet, one ControlNet per condition (several as diffusers' `MultiControlNetModel`), the
+teacher's noise schedule, the text encoder and, in latent space, the VAE.
 
-On disk (diffusers' layout, safetensors):
+Two layouts on disk:
 
-    models/jdm/generator/        unet/, scheduler/, controlnet/ (the primary condition's, from the
-                                 warm-up), jdm.json (t_gen, image size, text encoder, backbone)
+    dist/jdm/                    one self-contained folder (`pipe.save_pretrained`, `jdm export`):
+                                 model_index.json, unet/, controlnet/ [controlnet_1/ ...], scheduler/,
+                                 text_encoder/, tokenizer/, [vae/], README.md (the model card)
+    models/jdm/generator/        what the training stages write (DVC outputs): unet/, scheduler/,
+                                 controlnet/ (the warm-up's condition), jdm.json (t_gen, image size,
+                                 text encoder, backbone)
     models/jdm/controlnet-<c>/   ControlNetModel.save_pretrained + condition.json (name, channels),
                                  one per condition added by the extension phase
 
-    pipe = OneStepControlPipeline.from_pretrained("models/jdm/generator",
-                                                  controlnets={"hed": "models/jdm/controlnet-hed"})
-    images = pipe(["a photo of an ankle boot"], {"hed": hed_maps})   # NFE 1
-    images = pipe(["a photo of a sneaker"], {"canny": canny_maps, "hed": hed_maps})  # several controls
+    pipe = OneStepControlPipeline.from_workspace("models/jdm", ["hed"])   # the stages' folders
+    pipe.save_pretrained("dist/jdm")                                        # -> one folder
+    pipe = OneStepControlPipeline.from_pretrained("dist/jdm").to("cuda")
+    image = pipe("a photo of an ankle boot", {"hed": hed_map}).images[0]    # NFE 1, a PIL image
+    pipe(["a photo of a sneaker"], {"canny": canny_map, "hed": hed_map}, output_type="pt")  # two controls
 """
 
 from __future__ import annotations
 
+import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from diffusers import ControlNetModel, DDPMScheduler, DiffusionPipeline, MultiControlNetModel, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from .conditions import condition_slug
 from .errors import UserError
@@ -27,6 +40,7 @@ from .io import write_json
 from .models.backbone import Backbone
 from .models.generator import OneStepGenerator
 from .objectives import VPSchedule
+from .text import TextEncoder
 
 GENERATOR_CONFIG = "jdm.json"
 CONDITION_CONFIG = "condition.json"
@@ -92,29 +106,37 @@ def _loaded(folder: Path, load):
                         f"`dvc checkout` or retrain it with `dvc repro`") from None
 
 
-class OneStepControlPipeline:
-    """Prompts and control maps in, images in [0,1] out, one network evaluation (plus one per ControlNet)."""
+@dataclass
+class OneStepControlPipelineOutput(BaseOutput):
+    """`images`: PIL images, a numpy array [N, H, W, C] or a tensor [N, C, H, W]; values in [0, 1]."""
 
-    def __init__(self, generator: OneStepGenerator, text_encoder, backbone: Backbone, image_size: int):
-        self.generator, self.text_encoder, self.backbone, self.image_size = generator, text_encoder, backbone, image_size
+    images: list | np.ndarray | torch.Tensor
 
-    @classmethod
-    def from_pretrained(cls, generator_dir: str | Path, controlnets: dict[str, str | Path] | None = None
-                        ) -> "OneStepControlPipeline":
-        from .config import TextEncoderParams
-        from .text import TextEncoder
 
-        generator, _, meta = load_generator(generator_dir, controlnets)
-        vae = None
-        if meta.get("vae"):
-            from diffusers import AutoencoderKL
-            vae = AutoencoderKL.from_pretrained(meta["vae"], subfolder="vae")
-        backbone = Backbone(meta["image_channels"], vae)
-        return cls(generator, TextEncoder(TextEncoderParams(**meta["text_encoder"])), backbone, meta["image_size"])
+class OneStepControlPipeline(DiffusionPipeline):
+    """Prompts and control maps in, images out, one network evaluation (plus one per ControlNet used)."""
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["controlnet", "vae"]
+
+    def __init__(self, unet: UNet2DConditionModel, scheduler: DDPMScheduler, text_encoder, tokenizer,
+                 controlnet: ControlNetModel | MultiControlNetModel | list[ControlNetModel] | None = None,
+                 vae=None, conditions: list[str] | None = None, t_gen: int = 950, max_length: int = 77):
+        super().__init__()
+        if isinstance(controlnet, (list, tuple)):
+            controlnet = None if not controlnet else controlnet[0] if len(controlnet) == 1 else MultiControlNetModel(controlnet)
+        conditions = list(conditions or [])
+        if len(conditions) != len(_nets(controlnet)):
+            raise ValueError(f"{len(_nets(controlnet))} ControlNet(s) but conditions {conditions}: name one per ControlNet")
+        self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
+                              controlnet=controlnet, vae=vae)
+        self.register_to_config(conditions=conditions, t_gen=t_gen, max_length=max_length)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_normalize=False)
 
     @classmethod
     def from_workspace(cls, models_dir: str | Path, conditions: list[str]) -> "OneStepControlPipeline":
-        """`models_dir/generator` plus `models_dir/controlnet-<c>` for each condition it does not carry itself."""
+        """The training stages' folders: `models_dir/generator` plus `models_dir/controlnet-<c>` for each
+        condition it does not carry itself (the layout DVC tracks; `save_pretrained` makes one folder of it)."""
         models_dir = Path(models_dir)
         primary_file = models_dir / "generator" / "controlnet" / CONDITION_CONFIG
         primary = json.loads(primary_file.read_text())["condition"] if primary_file.is_file() else None
@@ -123,19 +145,51 @@ class OneStepControlPipeline:
             if not path.is_dir():
                 raise UserError(f"no ControlNet for condition {c!r} at {path}: train it with `dvc repro extend@{c}`"
                                 + (f" (the generator's own ControlNet is {primary!r})" if primary else ""))
-        return cls.from_pretrained(models_dir / "generator", extra)
+        from .config import TextEncoderParams
+
+        generator, noise_scheduler, meta = load_generator(models_dir / "generator", extra)
+        text = TextEncoder.from_params(TextEncoderParams(**meta["text_encoder"]))
+        vae = None
+        if meta.get("vae"):
+            from diffusers import AutoencoderKL
+            vae = AutoencoderKL.from_pretrained(meta["vae"], subfolder="vae")
+        names = list(generator.names)
+        return cls(generator.unet, noise_scheduler, text.model, text.tokenizer, [generator.controlnet(n) for n in names],
+                   vae, conditions=names, t_gen=generator.t_gen, max_length=text.max_length)
 
     @property
     def conditions(self) -> list[str]:
-        return list(self.generator.names)
+        return list(self.config.conditions)
+
+    @property
+    def controlnets(self) -> dict[str, ControlNetModel]:
+        """Condition name -> its ControlNet, in the order the conditions were registered."""
+        return dict(zip(self.conditions, _nets(self.controlnet)))
+
+    @property
+    def backbone(self) -> Backbone:
+        return Backbone(self.unet.config.in_channels, self.vae)
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.config.sample_size * self.backbone.factor
+
+    def one_step_generator(self) -> OneStepGenerator:
+        """The registered modules as the generator the training stages built (no copy of any weight)."""
+        return OneStepGenerator(self.unet, self.controlnets,
+                                VPSchedule.from_scheduler(self.scheduler), self.config.t_gen)
 
     def check_controls(self, controls: dict[str, torch.Tensor], n: int) -> None:
         if n == 0:
             raise UserError("no prompts given: pass at least one (the empty string is the unconditional prompt)")
+        nets = self.controlnets
         for name, c in controls.items():
-            if name not in self.generator.names:
+            if name not in nets:
                 raise UserError(f"no ControlNet loaded for condition {name!r}; loaded: {', '.join(self.conditions) or 'none'}")
-            want = (n, self.generator.controlnet(name).config.conditioning_channels, self.image_size, self.image_size)
+            want = (n, nets[name].config.conditioning_channels, self.image_size, self.image_size)
+            if not isinstance(c, torch.Tensor):
+                raise UserError(f"control map for {name!r} must be a float tensor of shape {list(want)} in [0,1] "
+                                f"or PIL images, got {type(c).__name__}")
             if tuple(c.shape) != want:
                 raise UserError(f"control map for {name!r} must have shape {list(want)} ([N, channels, H, W] in [0,1]), "
                                 f"got {list(c.shape)}")
@@ -147,12 +201,114 @@ class OneStepControlPipeline:
                 raise UserError(f"control map for {name!r} must lie in [0,1], got values in [{low:.4g}, {high:.4g}]")
 
     @torch.no_grad()
-    def __call__(self, prompts: str | list[str], controls: dict[str, torch.Tensor] | None = None, *,
-                 scales: dict[str, float] | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)  # one prompt, as diffusers' pipelines take
-        controls = controls or {}
+    def __call__(self, prompt: str | list[str], controls: dict[str, torch.Tensor] | None = None, *,
+                 controlnet_conditioning_scale: float | dict[str, float] = 1.0,
+                 generator: torch.Generator | None = None, output_type: str = "pil",
+                 return_dict: bool = True) -> OneStepControlPipelineOutput | tuple:
+        """`controls` maps a condition to its maps: a float tensor [N, channels, H, W] in [0, 1], or PIL
+        images (one, or a list of N). A scale per condition (or one for all) weighs each ControlNet's
+        residuals. `output_type`: "pil", "np" or "pt"."""
+        if output_type not in ("pil", "np", "pt"):
+            raise UserError(f"output_type {output_type!r} is not one of: pil, np, pt")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)  # one prompt, as diffusers' pipelines take
+        controls = {name: _control_batch(name, c) for name, c in (controls or {}).items()}
         self.check_controls(controls, len(prompts))
-        hidden, mask = self.text_encoder.encode(prompts)
-        size = self.image_size // self.backbone.factor
-        z = torch.randn((len(prompts), self.backbone.channels, size, size), generator=generator)
-        return self.backbone.decode(self.generator(z, hidden, mask, controls, scales))
+        scales = (controlnet_conditioning_scale if isinstance(controlnet_conditioning_scale, dict)
+                  else dict.fromkeys(controls, float(controlnet_conditioning_scale)))
+        device, dtype = self._execution_device, self.unet.dtype
+        hidden, mask = TextEncoder(self.tokenizer, self.text_encoder, self.config.max_length).encode(prompts)
+        backbone = self.backbone
+        size = self.image_size // backbone.factor
+        z = randn_tensor((len(prompts), backbone.channels, size, size), generator=generator, device=device, dtype=dtype)
+        x = self.one_step_generator()(z, hidden.to(dtype), mask, {k: c.to(device, dtype) for k, c in controls.items()},
+                                      scales)
+        images = backbone.decode(x).float()
+        if output_type != "pt":
+            images = self.image_processor.postprocess(images, output_type=output_type,
+                                                      do_denormalize=[False] * len(images))
+        self.maybe_free_model_hooks()
+        return OneStepControlPipelineOutput(images=images) if return_dict else (images,)
+
+    def save_pretrained(self, save_directory: str | Path, *args, trained_on: str | None = None,
+                        metrics: dict[str, dict[str, float]] | None = None, **kwargs) -> None:
+        """diffusers' folder (model_index.json and one subfolder per module) plus a model card, README.md."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_model_card(self, Path(save_directory), trained_on, metrics)
+
+
+def read_control(source, label: str | None = None) -> torch.Tensor:
+    """A control map image (a path, a file object or PNG/JPEG bytes) as [1, C, H, W] in [0,1]."""
+    from PIL import Image
+
+    if label is None:
+        label = "(bytes)" if isinstance(source, bytes) else repr(str(source))
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        image.load()  # a truncated file fails here, not inside the network
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"control map {label} is not a readable image ({err})") from None
+    return control_tensor(image, label)
+
+
+def control_tensor(image, label: str = "") -> torch.Tensor:
+    """A PIL image as [1, C, H, W] in [0,1]: grayscale -> 1 channel, RGB -> 3; 8-bit (L, RGB, and
+    RGBA/P/1 converted) or 16-bit grayscale (depth maps often are)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        if array.min() < 0 or array.max() > 65535:
+            raise UserError(f"control map {label} has 32-bit values in [{array.min():.0f}, {array.max():.0f}]; "
+                            f"allowed: 8-bit or 16-bit images")
+        array = (array / 65535).astype(np.float32)
+    elif image.mode in ("L", "RGB", "LA", "RGBA", "P", "PA", "1"):
+        if image.mode not in ("L", "RGB"):
+            image = image.convert("RGB" if len(image.getbands()) >= 3 else "L")
+        array = np.asarray(image, dtype=np.float32) / 255
+    else:
+        raise UserError(f"control map {label} has pixel mode {image.mode}; allowed: 8-bit grayscale or RGB "
+                        f"(L, RGB, RGBA, P) or 16-bit grayscale (I;16)")
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return torch.from_numpy(array.copy())[None]
+
+
+def _control_batch(name: str, control) -> torch.Tensor:
+    from PIL import Image
+
+    if isinstance(control, Image.Image):
+        return control_tensor(control, repr(name))
+    if isinstance(control, (list, tuple)) and control and all(isinstance(c, Image.Image) for c in control):
+        return torch.cat([control_tensor(c, repr(name)) for c in control])
+    return control
+
+
+def _nets(controlnet) -> list[ControlNetModel]:
+    if controlnet is None:
+        return []
+    return list(controlnet.nets) if isinstance(controlnet, MultiControlNetModel) else [controlnet]
+
+
+def write_model_card(pipe: OneStepControlPipeline, folder: Path, trained_on: str | None,
+                     metrics: dict[str, dict[str, float]] | None) -> None:
+    """README.md in the Hugging Face model card format: what the model is, what it was trained on, its
+    held-out scores (one row per condition) and how to load it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image",
+                         tags=["jdm", "controlnet", "one-step", "score-distillation", *pipe.conditions])
+    conditions = ", ".join(pipe.conditions) or "none (text only)"
+    lines = ["# One-step controllable generator (Joint Distribution Matching)", "",
+             f"Prompt and control maps in, an image out in one network evaluation (plus one per ControlNet used). "
+             f"Conditions: {conditions}. Image size {pipe.image_size} px; generator timestep t_gen = {pipe.config.t_gen}.",
+             "", "## Trained on", "", trained_on or "Not recorded when this folder was saved.", "", "## Held-out scores", ""]
+    if metrics:
+        keys = sorted({k for row in metrics.values() for k in row})
+        lines += ["| condition | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [f"| {c} | " + " | ".join(f"{row[k]:.4g}" if k in row else "-" for k in keys) + " |"
+                  for c, row in metrics.items()]
+    else:
+        lines.append("None recorded when this folder was saved.")
+    first = pipe.conditions[0] if pipe.conditions else None
+    call = f'pipe("a photo of an ankle boot", {{"{first}": control_map}})' if first else 'pipe("a photo of an ankle boot")'
+    lines += ["", "## How to load", "", "```python", "from jdm.pipeline import OneStepControlPipeline", "",
+              f'pipe = OneStepControlPipeline.from_pretrained("{folder.name}")  # .to("cuda") on a GPU',
+              f"image = {call}.images[0]  # control maps: float tensors [N, C, H, W] in [0, 1]", "```", ""]
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)).save(folder / "README.md")

@@ -23,29 +23,35 @@ def minilm_dir() -> Path:
 
 
 class TextEncoder:
-    def __init__(self, params: TextEncoderParams):
+    """Token-level hidden states of `model` for prompts that `tokenizer` pads to `max_length`."""
+
+    def __init__(self, tokenizer, model, max_length: int):
+        self.tokenizer, self.model, self.max_length = tokenizer, model.eval().requires_grad_(False), max_length
+        self.dim = model.config.hidden_size
+
+    @classmethod
+    def from_params(cls, params: TextEncoderParams) -> "TextEncoder":
         from transformers import AutoModel, AutoTokenizer, CLIPTextModel, CLIPTokenizer
 
-        self.max_length = params.max_length
         if params.kind == "minilm":
             path, sub = str(params.path or minilm_dir()), params.subfolder or ""
-            self.tokenizer = AutoTokenizer.from_pretrained(path, subfolder=sub)
-            self.model = AutoModel.from_pretrained(path, subfolder=sub)
-        else:
-            if not params.path:
-                raise ValueError("text_encoder.path must name a local directory or hub id for kind 'clip'")
-            self.tokenizer = CLIPTokenizer.from_pretrained(params.path, subfolder="tokenizer" if params.subfolder is None else "")
-            self.model = CLIPTextModel.from_pretrained(params.path, subfolder=params.subfolder or "text_encoder")
-        self.model.eval().requires_grad_(False)
-        self.dim = self.model.config.hidden_size
+            return cls(AutoTokenizer.from_pretrained(path, subfolder=sub), AutoModel.from_pretrained(path, subfolder=sub),
+                       params.max_length)
+        if not params.path:
+            raise ValueError("text_encoder.path must name a local directory or hub id for kind 'clip'")
+        return cls(CLIPTokenizer.from_pretrained(params.path, subfolder="tokenizer" if params.subfolder is None else ""),
+                   CLIPTextModel.from_pretrained(params.path, subfolder=params.subfolder or "text_encoder"),
+                   params.max_length)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states [N, max_length, D] and attention masks [N, max_length]; long prompts are truncated with a warning."""
+        """Hidden states [N, max_length, D] and attention masks [N, max_length] on the model's device; long
+        prompts are truncated with a warning."""
         full = self.tokenizer(prompts, padding=False, truncation=False)["input_ids"]
         for prompt, ids in zip(prompts, full):
             if len(ids) > self.max_length:
                 warnings.warn(f"prompt {prompt!r} has {len(ids)} tokens; truncated to text_encoder.max_length={self.max_length}")
         tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
-        hidden = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+        tokens = {k: tokens[k].to(self.model.device) for k in ("input_ids", "attention_mask")}
+        hidden = self.model(**tokens).last_hidden_state
         return hidden.float(), tokens["attention_mask"].long()

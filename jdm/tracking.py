@@ -133,9 +133,16 @@ NEWEST = "newest"  # the alias of the newest registered version ('latest' is res
 def register_controlnet(condition: str, workspace: Path | None = None) -> tuple[str, str]:
     """Register the ControlNet of the newest finished run that trained `condition` (the `extend` stage,
     or the `warmup` stage for the primary condition) as model `jdm-controlnet-<condition>`, alias
-    `newest`. Registering the same run twice returns its existing version."""
+    `newest`: the workspace's generator and that ControlNet as one diffusers pipeline with a model card,
+    logged into that run as an MLflow pyfunc model (`jdm/serving.py`) and registered from it, so
+    `mlflow.pyfunc.load_model("models:/jdm-controlnet-<condition>@newest")` loads it. Registering the
+    same run twice returns its existing version."""
+    import tempfile
+
+    import mlflow
     from mlflow import MlflowClient
 
+    workspace = repository_root(workspace)
     uri = tracking_uri(workspace)
     _check_reachable(uri)
     client = MlflowClient(uri)
@@ -149,14 +156,30 @@ def register_controlnet(condition: str, workspace: Path | None = None) -> tuple[
     if not runs:
         raise LookupError(f"no finished warmup/extend run for condition {condition!r} at {uri}")
     run = runs[0]
-    path = "controlnet" if run.data.tags["stage"] == "extend" else "generator/controlnet"
     name = registered_name(condition)
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, tags={"condition": condition},
-                                       description=f"JDM ControlNet for condition {condition!r} (diffusers folder)")
+                                       description=f"JDM one-step pipeline with the ControlNet for condition {condition!r} "
+                                                   f"(MLflow pyfunc: prompt and control map in, image out)")
     existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == run.info.run_id]
-    version = existing[0] if existing else client.create_model_version(
-        name, source=f"{run.info.artifact_uri}/{path}", run_id=run.info.run_id,
-        tags={"stage": run.data.tags["stage"], "profile": run.data.tags.get("profile", "")})
+    if existing:
+        version = existing[0]
+    else:
+        from .pipeline import OneStepControlPipeline
+        from .serving import log_pipeline_model
+
+        tags = run.data.tags
+        trained_on = (f"Profile `{tags.get('profile', '?')}`; MLflow run `{run.info.run_id}` (stage `{tags['stage']}`, "
+                      f"{int(run.data.metrics.get('steps', 0))} iterations). Scores below: the stage's validation maps.")
+        scores = {condition: {k: run.data.metrics[k] for k in ("consistency", "fid_classifier", "prompt_accuracy")
+                              if k in run.data.metrics}}
+        pipe = OneStepControlPipeline.from_workspace(workspace / "models/jdm", [condition])
+        with tempfile.TemporaryDirectory() as tmp:
+            pipe.save_pretrained(Path(tmp) / "pipeline", trained_on=trained_on, metrics=scores)
+            mlflow.set_tracking_uri(uri)
+            with mlflow.start_run(run_id=run.info.run_id):
+                info = log_pipeline_model(pipe, Path(tmp) / "pipeline", condition)
+        version = mlflow.register_model(info.model_uri, name, tags={"stage": tags["stage"],
+                                                                     "profile": tags.get("profile", "")})
     client.set_registered_model_alias(name, NEWEST, version.version)
     return name, str(version.version)

@@ -31,7 +31,7 @@ def run_data(params: Params) -> None:
         order = torch.randperm(len(labels), generator=g)
         splits["test"] = (images[order], labels[order])  # shuffled once: a prefix is a fair FID reference
         splits["eval"] = (images[order[:p.num_eval]], labels[order[:p.num_eval]])
-        hidden, mask = TextEncoder(params.text_encoder).encode(prompts)
+        hidden, mask = TextEncoder.from_params(params.text_encoder).encode(prompts)
         with atomic_dir(PREPARED) as out:
             for name, (x, y) in splits.items():
                 pid = jdata.assign_prompts(y, len(p.templates), g)

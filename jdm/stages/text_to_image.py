@@ -107,7 +107,7 @@ def run_guide(params: Params) -> None:
     prepared = jdata.PreparedData.load(PREPARED)
     backbone = build_backbone(params)
     teacher_unet, teacher_scheduler = load_teacher(TEACHER)
-    embeddings = TextEncoder(g.text_encoder).encode(prepared.prompts) if g.text_encoder else None
+    embeddings = TextEncoder.from_params(g.text_encoder).encode(prepared.prompts) if g.text_encoder else None
     checkpoint = checkpoint_spec(params, CHECKPOINTS / "guide", section(params, "teacher", "guide", "acceleration"))
     with stage_run("guide", params.profile, section(params, "teacher", "guide", "acceleration")) as mlflow:
         start = time.perf_counter()

@@ -175,7 +175,7 @@ def test_one_step_sampling_cli(smoke_workspace, tmp_path, capsys):
                                       (["x"], hed * 255, "must lie in [0,1]")]:
         with pytest.raises(UserError, match=re.escape(message)):
             pipe(prompts, {"hed": control})
-    assert pipe("a photo of a boot", {"hed": hed}).shape == (1, 1, 16, 16)  # one prompt as a string
+    assert pipe("a photo of a boot", {"hed": hed}, output_type="pt").images.shape == (1, 1, 16, 16)  # one prompt, a string
 
 
 def digest(folder):

@@ -34,7 +34,7 @@ def test_long_prompt_is_truncated_with_a_warning():
     from jdm.config import TextEncoderParams
     from jdm.text import TextEncoder
 
-    enc = TextEncoder(TextEncoderParams(max_length=8))
+    enc = TextEncoder.from_params(TextEncoderParams(max_length=8))
     with pytest.warns(UserWarning, match="truncated to text_encoder.max_length=8"):
         hidden, mask = enc.encode(["a photo of a sneaker with very many words in its prompt", "a bag ✨ 日本"])
     assert hidden.shape == (2, 8, 384) and mask[0].sum() == 8
