@@ -129,6 +129,16 @@ def test_add_control_deployment_trains_registers_resumes_after_a_lost_worker_and
         trained = client.get_run(version.run_id)
         assert trained.data.tags["condition"] == c and trained.data.tags["stage"] == "extend"
         assert any(a.path == "controlnet" for a in client.list_artifacts(trained.info.run_id))
+    # what is registered is an MLflow model: it loads by its alias, through the server, and draws an image
+    import io
+
+    import mlflow
+    from PIL import Image
+
+    mlflow.set_tracking_uri(urls["mlflow"])
+    model = mlflow.pyfunc.load_model("models:/jdm-controlnet-team_conditions-Blur@newest")
+    images = model.predict(model.input_example, params={"seed": 1})["image"]
+    assert len(images) == 1 and Image.open(io.BytesIO(images[0])).size == (16, 16)
 
     # the GPU work-pool templates are accepted by the server (prefect-kubernetes / prefect-docker installed)
     for kind in ("kubernetes", "docker"):

@@ -177,6 +177,7 @@ def test_a_registered_controlnet_loads_as_an_mlflow_model(workspace, tmp_path, m
     assert register_controlnet("hed", tmp_path) == ("jdm-controlnet-hed", "1")
     model = mlflow.pyfunc.load_model("models:/jdm-controlnet-hed@newest")
     assert model.metadata.signature.inputs.input_names() == ["prompt", "control"]
+    assert len(model.predict(model.input_example)["image"]) == 1  # a blank map of the ControlNet's size
     control = (np.random.default_rng(0).random((16, 16)) * 255).astype(np.uint8)
     png = io.BytesIO()
     Image.fromarray(control).save(png, format="PNG")
