@@ -107,7 +107,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
                         f"{len(args.control)} control maps)")
     out = _image_out_path(args.out)
     pipe = _load_pipeline(args.models, args.condition)
-    controls = {c: read_control(f) for c, f in zip(args.condition, args.control)}
+    nets = pipe.controlnets  # each map read as the channels its ControlNet takes
+    controls = {c: read_control(f, channels=nets[c].config.conditioning_channels if c in nets else None)
+                for c, f in zip(args.condition, args.control)}
     image = pipe(args.prompt, controls, generator=torch.Generator().manual_seed(args.seed)).images[0]
     try:
         image.save(out)

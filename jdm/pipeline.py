@@ -211,7 +211,7 @@ class OneStepControlPipeline(DiffusionPipeline):
         if output_type not in ("pil", "np", "pt"):
             raise UserError(f"output_type {output_type!r} is not one of: pil, np, pt")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)  # one prompt, as diffusers' pipelines take
-        controls = {name: _control_batch(name, c) for name, c in (controls or {}).items()}
+        controls = {name: self._control_batch(name, c) for name, c in (controls or {}).items()}
         self.check_controls(controls, len(prompts))
         scales = (controlnet_conditioning_scale if isinstance(controlnet_conditioning_scale, dict)
                   else dict.fromkeys(controls, float(controlnet_conditioning_scale)))
@@ -229,6 +229,16 @@ class OneStepControlPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         return OneStepControlPipelineOutput(images=images) if return_dict else (images,)
 
+    def _control_batch(self, name: str, control):
+        """PIL images (one, or a list) as the float tensor the ControlNet takes; anything else as given."""
+        from PIL import Image
+
+        channels = self.controlnets[name].config.conditioning_channels if name in self.controlnets else None
+        images = [control] if isinstance(control, Image.Image) else control
+        if isinstance(images, (list, tuple)) and images and all(isinstance(c, Image.Image) for c in images):
+            return torch.cat([control_tensor(c, f"for {name!r}", channels) for c in images])
+        return control
+
     def save_pretrained(self, save_directory: str | Path, *args, trained_on: str | None = None,
                         metrics: dict[str, dict[str, float]] | None = None, **kwargs) -> None:
         """diffusers' folder (model_index.json and one subfolder per module) plus a model card, README.md."""
@@ -236,8 +246,8 @@ class OneStepControlPipeline(DiffusionPipeline):
         write_model_card(self, Path(save_directory), trained_on, metrics)
 
 
-def read_control(source, label: str | None = None) -> torch.Tensor:
-    """A control map image (a path, a file object or PNG/JPEG bytes) as [1, C, H, W] in [0,1]."""
+def read_control(source, label: str | None = None, channels: int | None = None) -> torch.Tensor:
+    """A control map image (a path, a file object or PNG/JPEG bytes) as [1, C, H, W] in [0,1] (`control_tensor`)."""
     from PIL import Image
 
     if label is None:
@@ -247,37 +257,37 @@ def read_control(source, label: str | None = None) -> torch.Tensor:
         image.load()  # a truncated file fails here, not inside the network
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise UserError(f"control map {label} is not a readable image ({err})") from None
-    return control_tensor(image, label)
+    return control_tensor(image, label, channels)
 
 
-def control_tensor(image, label: str = "") -> torch.Tensor:
-    """A PIL image as [1, C, H, W] in [0,1]: grayscale -> 1 channel, RGB -> 3; 8-bit (L, RGB, and
-    RGBA/P/1 converted) or 16-bit grayscale (depth maps often are)."""
+IMAGE_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # the channels an 8-bit image can hold
+
+
+def control_tensor(image, label: str = "", channels: int | None = None) -> torch.Tensor:
+    """A PIL image as [1, C, H, W] in [0,1], 8-bit or 16-bit grayscale (depth maps often are). With
+    `channels` (the ControlNet's), converted to it as diffusers converts control images (1: L, 2: LA,
+    3: RGB, 4: RGBA); without, grayscale -> 1 channel and anything else -> RGB."""
+    if channels is not None and channels not in IMAGE_MODES:
+        raise UserError(f"control map {label}: the ControlNet takes {channels} channels, more than an image holds "
+                        f"(1-4); pass the maps as a float tensor [N, {channels}, H, W]")
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        if channels not in (None, 1):
+            raise UserError(f"control map {label} is 16-bit grayscale; the ControlNet takes {channels} channels")
         array = np.asarray(image, dtype=np.float64)
         if array.min() < 0 or array.max() > 65535:
             raise UserError(f"control map {label} has 32-bit values in [{array.min():.0f}, {array.max():.0f}]; "
                             f"allowed: 8-bit or 16-bit images")
         array = (array / 65535).astype(np.float32)
     elif image.mode in ("L", "RGB", "LA", "RGBA", "P", "PA", "1"):
-        if image.mode not in ("L", "RGB"):
-            image = image.convert("RGB" if len(image.getbands()) >= 3 else "L")
+        mode = IMAGE_MODES[channels] if channels else image.mode if image.mode in ("L", "RGB") else (
+            "RGB" if len(image.getbands()) >= 3 else "L")
+        image = image.convert(mode) if mode != image.mode else image
         array = np.asarray(image, dtype=np.float32) / 255
     else:
         raise UserError(f"control map {label} has pixel mode {image.mode}; allowed: 8-bit grayscale or RGB "
                         f"(L, RGB, RGBA, P) or 16-bit grayscale (I;16)")
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(array.copy())[None]
-
-
-def _control_batch(name: str, control) -> torch.Tensor:
-    from PIL import Image
-
-    if isinstance(control, Image.Image):
-        return control_tensor(control, repr(name))
-    if isinstance(control, (list, tuple)) and control and all(isinstance(c, Image.Image) for c in control):
-        return torch.cat([control_tensor(c, repr(name)) for c in control])
-    return control
 
 
 def _nets(controlnet) -> list[ControlNetModel]:

@@ -44,7 +44,8 @@ class OneStepControlModel(mlflow.pyfunc.PythonModel):
         from .pipeline import read_control
 
         params = params or {}
-        controls = torch.cat([read_control(bytes(png), f"in row {i}") for i, png in enumerate(model_input["control"])])
+        channels = self.pipe.controlnets[self.condition].config.conditioning_channels
+        controls = torch.cat([read_control(bytes(png), f"in row {i}", channels) for i, png in enumerate(model_input["control"])])
         images = self.pipe(list(model_input["prompt"]), {self.condition: controls},
                            controlnet_conditioning_scale=float(params.get("controlnet_conditioning_scale", 1.0)),
                            generator=torch.Generator().manual_seed(int(params.get("seed", 0)))).images
@@ -59,14 +60,16 @@ def _png(image) -> bytes:
 
 def log_pipeline_model(pipe, pipeline_dir: Path, condition: str, name: str = "pipeline"):
     """Log `pipe`, saved at `pipeline_dir`, as a pyfunc model of the active run, with a one-row input
-    example (a blank control map of the ControlNet's size and channels); returns MLflow's ModelInfo."""
-    import numpy as np
+    example; returns MLflow's ModelInfo."""
     import pandas as pd
     from PIL import Image
 
-    channels = pipe.controlnets[condition].config.conditioning_channels
-    blank = Image.fromarray(np.zeros((pipe.image_size, pipe.image_size) + ((3,) if channels == 3 else ()), np.uint8))
-    example = pd.DataFrame({"prompt": ["a photo of an ankle boot"], "control": [_png(blank)]})
+    from .pipeline import IMAGE_MODES
+
+    mode = IMAGE_MODES.get(pipe.controlnets[condition].config.conditioning_channels)
+    # a blank map in the mode the ControlNet reads (a map of more than 4 channels has no PNG: no example)
+    example = None if mode is None else pd.DataFrame(
+        {"prompt": ["a photo of an ankle boot"], "control": [_png(Image.new(mode, (pipe.image_size,) * 2))]})
     return mlflow.pyfunc.log_model(
         name=name, python_model=OneStepControlModel(), artifacts={"pipeline": str(pipeline_dir)},
         model_config={"condition": condition}, signature=SIGNATURE, input_example=example,

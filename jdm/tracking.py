@@ -115,11 +115,21 @@ def stage_run(stage: str, profile: str, params: dict, condition: str | None = No
         mlflow.log_metric("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
+def channel_tiles(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] as RGB tiles [M, 3, H, W]: RGB as it is, gray repeated; a map of any other channel
+    count (a plugin's) one gray tile per channel, channel by channel (with nrow=N, one row per channel)."""
+    if x.shape[1] == 3:
+        return x
+    if x.shape[1] != 1:
+        x = x.transpose(0, 1).reshape(-1, 1, *x.shape[2:])
+    return x.expand(-1, 3, -1, -1)
+
+
 def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
-    """uint8 HxWxC grid of images in [0,1] for `mlflow.log_image`."""
+    """uint8 HxWx3 grid of images or maps in [0,1] for `mlflow.log_image` (any channel count: `channel_tiles`)."""
     from torchvision.utils import make_grid
 
-    grid = make_grid(images.float().clamp(0, 1).cpu(), nrow=nrow, padding=1, pad_value=1.0)
+    grid = make_grid(channel_tiles(images.float().clamp(0, 1).cpu()), nrow=nrow, padding=1, pad_value=1.0)
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 

@@ -51,6 +51,8 @@ def resolve_condition_class(name: str) -> type[Condition]:
         raise UserError(f"condition plugin {name!r} lacks the Condition interface: it needs a class with an int "
                          f"`channels`, `extract(images)` and `log_likelihood(x, c)` (subclass jdm.conditions.Condition)"
                          + (f"; missing {', '.join(missing)}" if missing else ""))
+    if cls.channels < 1:
+        raise UserError(f"condition plugin {name!r} has channels = {cls.channels}; allowed: an int >= 1")
     return cls
 
 

@@ -10,7 +10,7 @@ import torch
 from .. import data as jdata
 from ..config import Params
 from ..io import atomic_dir, save_tensors, write_json
-from ..tracking import image_grid, stage_run
+from ..tracking import channel_tiles, image_grid, stage_run
 from .common import ANNOTATORS, CONDITIONS, METRICS, MODELS, PREPARED, logger, section, setup
 
 
@@ -121,9 +121,10 @@ def run_conditions(params: Params, name: str) -> None:
             save_tensors(maps, out / "maps.safetensors", metadata={"condition": name, "channels": cond.channels})
         seconds = time.perf_counter() - start
         held_out = prepared.split("eval")
-        pairs = torch.stack([held_out.pixels(slice(0, 16)).expand(-1, cond.channels, -1, -1),
-                             maps["eval"][:16].float() / 255], 1).flatten(0, 1)
-        mlflow.log_image(image_grid(pairs, nrow=8), f"{name}_maps.png")
+        # rows of 8 images, each followed by their maps' rows (one per channel where it is neither gray nor RGB)
+        images, shown_maps = held_out.pixels(slice(0, 16)), maps["eval"][:16].float() / 255
+        shown = [channel_tiles(x[i:i + 8]) for i in (0, 8) for x in (images, shown_maps)]
+        mlflow.log_image(image_grid(torch.cat(shown), nrow=8), f"{name}_maps.png")
         stats = {"num_train_maps": len(maps["train"]), "num_eval_maps": len(maps["eval"]),
                  "mean_value": maps["eval"].float().mean().item() / 255, "seconds": seconds}
         mlflow.log_metrics(stats)

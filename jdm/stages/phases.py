@@ -15,7 +15,7 @@ from .. import data as jdata
 from ..config import Params
 from ..conditions import condition_slug
 from ..io import atomic_dir, write_json
-from ..tracking import image_grid, stage_run
+from ..tracking import channel_tiles, image_grid, stage_run
 from ..training.checkpoint import remove_checkpoint
 from ..variants import VARIANTS, Variant
 from .common import (ANNOTATORS, CHECKPOINTS, METRICS, MODELS, PREPARED, TEACHER, checkpoint_spec, control_data,
@@ -73,9 +73,8 @@ def validate(generator: OneStepGenerator, condition: Condition | None, backbone:
         metrics["consistency"] = consistency(condition, samples["controlled"], maps)
         metrics["consistency_without_controlnet"] = consistency(condition, samples["uncontrolled"], maps)
     k = min(num, 8)
-    show = lambda x: x[:k].expand(-1, 3, -1, -1) if x.shape[1] != 3 else x[:k]  # noqa: E731
     rows = [maps, samples["controlled"], samples["uncontrolled"]] if controlled else [samples["uncontrolled"]]
-    return metrics, image_grid(torch.cat([show(x) for x in rows]), nrow=k)
+    return metrics, image_grid(torch.cat([channel_tiles(x[:k]) for x in rows]), nrow=k)
 
 
 def _phase_settings(params: Params, stage: str, condition: str, method: str) -> dict:

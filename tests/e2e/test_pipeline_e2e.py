@@ -240,6 +240,23 @@ class Blur(Condition):
         return F.avg_pool2d(images, 5, stride=1, padding=2, count_include_pad=False)
 
 
+class BlurPair(Blur):
+    """Two channels (no image format's gray or RGB): the image under a 5x5 and a 9x9 box filter."""
+    channels = 2
+
+    def extract(self, images):
+        return torch.cat([F.avg_pool2d(images, k, stride=1, padding=k // 2, count_include_pad=False) for k in (5, 9)], 1)
+
+
+class BlurFive(Blur):
+    """Five channels, more than a PNG holds: five box filters."""
+    channels = 5
+
+    def extract(self, images):
+        return torch.cat([F.avg_pool2d(images, k, stride=1, padding=k // 2, count_include_pad=False)
+                          for k in (1, 3, 5, 7, 9)], 1)
+
+
 class BlurNanAt5(Blur):
     """Blur whose likelihood turns NaN at the 5th generator step."""
     calls = 0
@@ -273,3 +290,29 @@ def test_plugin_condition_extends_the_frozen_generator_and_a_nan_stops_with_the_
     assert (work / "checkpoints/extend-user_conditions-BlurNanAt5/step-00000004.safetensors").is_file()
     assert not (work / "models/jdm/controlnet-user_conditions-BlurNanAt5").exists()
     assert digest(work / "models/jdm/generator") == generator_before
+
+
+@pytest.mark.e2e
+def test_plugin_conditions_of_any_channel_count_train_and_sample(smoke_workspace, tmp_path):
+    """Maps of 2 and 5 channels go through `jdm conditions` and `jdm extend` (grids show one row per
+    channel); `jdm sample` reads a 2-channel map from a gray+alpha PNG, and names the limit for 5."""
+    import numpy as np
+    from PIL import Image
+
+    work = smoke_workspace
+    (tmp_path / "user_conditions.py").write_text(PLUGIN)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(tmp_path)
+    pf = params_file(work, "short.yaml", extend={"steps": 4})
+    for name, channels in (("user_conditions:BlurPair", 2), ("user_conditions:BlurFive", 5)):
+        for stage in ("conditions", "extend"):
+            out = subprocess.run(["jdm", "--params", pf, stage, name], cwd=work, capture_output=True, text=True, env=env)
+            assert out.returncode == 0, out.stderr[-2000:]
+        config = json.loads((work / f"models/jdm/controlnet-{name.replace(':', '-')}/config.json").read_text())
+        assert config["conditioning_channels"] == channels
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 2), dtype=np.uint8), "LA").save(tmp_path / "la.png")
+    sample = ["jdm", "sample", "--control", str(tmp_path / "la.png"), "--prompt", "a bag"]
+    run([*sample, "--condition", "user_conditions:BlurPair", "--out", str(tmp_path / "pair.png")], work)
+    assert Image.open(tmp_path / "pair.png").size == (16, 16)
+    five = run_fail([*sample, "--condition", "user_conditions:BlurFive", "--out", str(tmp_path / "five.png")], work)
+    assert "takes 5 channels, more than an image holds (1-4)" in five.stderr, five.stderr[-2000:]

@@ -89,3 +89,22 @@ def test_control_map_shape_is_checked():
     cond = load_condition("canny")
     with pytest.raises(UserError, match=r"\[N, 1, 32, 32\]"):
         cond.check_map(torch.zeros(2, 3, 32, 32), 32)
+
+
+@pytest.mark.parametrize("channels, tiles", [(1, 4), (3, 4), (2, 8), (5, 20)])
+def test_maps_of_any_channel_count_are_shown_one_gray_row_per_channel(channels, tiles):
+    """Gray and RGB stay one tile each; other channel counts (a plugin's) one gray tile per channel."""
+    from jdm.tracking import channel_tiles, image_grid
+
+    maps = torch.rand(4, channels, 8, 8)
+    shown = channel_tiles(maps)
+    assert shown.shape == (tiles, 3, 8, 8)
+    if channels not in (1, 3):
+        assert torch.equal(shown[4:8, 0], maps[:, 1])  # the second row: every map's second channel
+    assert image_grid(maps, nrow=4).shape == (1 + (tiles // 4) * 9, 1 + 4 * 9, 3)
+
+
+def test_a_plugin_with_no_channels_is_refused(plugin_dir):
+    (plugin_dir / "user_conditions.py").write_text(PLUGIN + "\n\nclass Empty(Brightness):\n    channels = 0\n")
+    with pytest.raises(UserError, match="has channels = 0; allowed: an int >= 1"):
+        resolve_condition_class("user_conditions:Empty")

@@ -2,6 +2,7 @@
 loads (no models folder exists here) and without writing anything."""
 
 import pytest
+import torch
 
 from jdm.cli import main
 
@@ -29,3 +30,27 @@ def test_a_missing_out_folder_is_made_and_an_unwritable_one_is_named(tmp_path, c
     (tmp_path / "file").write_text("")
     assert sample(tmp_path, tmp_path / "file" / "boot.png") == 2
     assert "cannot make the folder of --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode, channels, shape", [
+    ("RGBA", 4, (1, 4, 8, 8)), ("RGB", 1, (1, 1, 8, 8)), ("L", 3, (1, 3, 8, 8)), ("LA", 2, (1, 2, 8, 8)),
+    ("RGBA", None, (1, 3, 8, 8)), ("L", None, (1, 1, 8, 8))])
+def test_a_control_image_is_read_as_the_channels_its_controlnet_takes(mode, channels, shape):
+    from PIL import Image
+
+    from jdm.pipeline import control_tensor
+
+    c = control_tensor(Image.new(mode, (8, 8), 255 if mode == "L" else (255,) * len(mode)), "x", channels)
+    assert c.shape == shape and c.dtype == torch.float32 and c.max() == 1
+
+
+def test_a_control_image_cannot_hold_more_than_four_channels_or_sixteen_bit_colour():
+    from PIL import Image
+
+    from jdm.errors import UserError
+    from jdm.pipeline import control_tensor
+
+    with pytest.raises(UserError, match="takes 5 channels, more than an image holds"):
+        control_tensor(Image.new("L", (8, 8)), "'m.png'", 5)
+    with pytest.raises(UserError, match="'m.png' is 16-bit grayscale; the ControlNet takes 3 channels"):
+        control_tensor(Image.new("I;16", (8, 8)), "'m.png'", 3)
