@@ -9,18 +9,25 @@ Deployments (prefect.yaml):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
 
 # one DVC command at a time per workspace: DVC itself refuses a second concurrent repro
 # ("unable to acquire lock"), so concurrent flow runs queue here instead of failing
 LOCK_FILE = Path(".dvc/tmp/jdm-flows.lock")
+# one file per flow run in progress on the workspace: its host and process, so the next flow run can
+# tell a run whose worker was lost (still `Running` in Prefect, its process gone) and mark it crashed
+RUNS_DIR = Path(".dvc/tmp/flow-runs")
 
 
 def _workspace(workspace: str | None) -> Path:
@@ -43,20 +50,107 @@ def _locked(ws: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _run(cmd: list[str], ws: Path) -> str:
+def _run(cmd: list[str], ws: Path) -> None:
+    """Run a command in the workspace, its output streamed line by line into the flow run's log."""
     from jdm.env import tool_env
+    from jdm.tracking import FLOW_RUN_ENV
 
     logger = get_run_logger()
     logger.info("$ %s   (in %s)", " ".join(cmd), ws)
     env = tool_env()
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PYTHONUNBUFFERED"] = "1"  # the stages print as they go, not when a pipe's buffer fills
+    if flow_run.id:
+        env[FLOW_RUN_ENV] = str(flow_run.id)
+    tail = collections.deque(maxlen=60)  # what the failure message quotes
     with _locked(ws):
-        out = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True)
-    tail = (out.stdout[-4000:] + out.stderr[-4000:]).strip()
-    if out.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {out.returncode}:\n{tail}")
-    logger.info(tail[-2000:])
-    return out.stdout
+        proc = subprocess.Popen(cmd, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:  # text mode: a progress bar's carriage return ends a line too
+            if line.strip():
+                logger.info(line.rstrip())
+                tail.append(line.rstrip())
+        code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {code}:\n" + "\n".join(tail))
+
+
+@contextlib.contextmanager
+def _recorded(ws: Path):
+    """This flow run's process recorded in the workspace while it runs; first, runs recorded there whose
+    process is gone (a killed worker) are marked crashed, and their MLflow runs failed by the next stage."""
+    import psutil
+
+    runs = ws / RUNS_DIR
+    runs.mkdir(parents=True, exist_ok=True)
+    _crash_abandoned(runs)
+    me = psutil.Process()
+    record = runs / f"{flow_run.id}.json"
+    record.write_text(json.dumps({"id": str(flow_run.id), "host": socket.gethostname(), "pid": me.pid,
+                                  "started": me.create_time()}))
+    try:
+        yield
+    finally:
+        record.unlink(missing_ok=True)
+
+
+def _crash_abandoned(runs: Path) -> None:
+    import psutil
+    from prefect import get_client
+    from prefect.states import Crashed
+
+    logger = get_run_logger()
+    for path in runs.glob("*.json"):
+        rec = json.loads(path.read_text())
+        if rec["host"] != socket.gethostname():
+            continue  # another machine's process: not ours to judge
+        try:
+            alive = psutil.Process(rec["pid"]).create_time() == rec["started"]
+        except psutil.NoSuchProcess:
+            alive = False
+        if alive:
+            continue
+        with get_client(sync_client=True) as client:
+            lost = client.read_flow_run(rec["id"])
+            if lost.state is not None and not lost.state.is_final():
+                message = (f"its process {rec['pid']} on {rec['host']} ended without reporting (a lost worker); "
+                           f"found by flow run {flow_run.name}")
+                client.set_flow_run_state(lost.id, Crashed(message=message), force=True)
+                logger.warning("flow run %s (%s) was left %s: marked crashed, %s", lost.name, lost.id,
+                               lost.state.name, message)
+        path.unlink(missing_ok=True)
+
+
+def _publish_runs(ws: Path) -> None:
+    """A link artifact to each MLflow run this flow run's stages made (their `prefect_flow_run_id` tag)."""
+    from mlflow import MlflowClient
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    from jdm.tracking import EXPERIMENT, tracking_uri
+
+    uri = tracking_uri(ws)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = [] if experiment is None else client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.prefect_flow_run_id = '{flow_run.id}'")
+    if not runs:
+        return
+    if uri.startswith(("http://", "https://")):
+        for r in runs:
+            create_link_artifact(f"{uri.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs/{r.info.run_id}",
+                                 link_text=f"MLflow run {r.info.run_name}", description=f"stage {r.data.tags.get('stage')}")
+    else:  # an embedded store has no address to link to: the runs as a list, opened with `make ui`
+        create_markdown_artifact("\n".join([f"MLflow runs of this flow run (`make ui`, store `{uri}`):", ""] +
+                                            [f"- `{r.info.run_name}`: run `{r.info.run_id}`" for r in runs]),
+                                 description="MLflow runs")
+
+
+def _publish_table(ws: Path, table: str, key: str) -> None:
+    """The report's comparison table as a Markdown artifact (the Prefect UI's Artifacts tab)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    path = ws / table
+    if path.is_file():
+        create_markdown_artifact(path.read_text(), key=key, description=f"{table} after this flow run")
 
 
 @task
@@ -96,7 +190,7 @@ def register(ws: Path, condition: str) -> str:
     return f"{name}/{version}"
 
 
-@flow(name="jdm", log_prints=True)
+@flow(name="jdm", flow_run_name="add-control-{condition}", log_prints=True)
 def add_control(condition: str, profile: str | None = None, steps: int | None = None,
                 workspace: str | None = None) -> str:
     """Train and register a ControlNet for `condition` (a built-in name or 'package.module:Class') on the
@@ -107,22 +201,25 @@ def add_control(condition: str, profile: str | None = None, steps: int | None = 
     workspace's params.yaml first (`jdm profile`)."""
     is_plugin = check_condition(condition)
     ws = _workspace(workspace)
-    primary = check_params(ws, profile)
-    if condition == primary:
-        dvc_repro(ws, ["warmup"])
-    elif not is_plugin and steps is None:
-        dvc_repro(ws, [f"extend@{condition}"])
-    else:
-        # a plugin has no stage in dvc.yaml (nothing in the repository changes to add one): its
-        # upstream comes through DVC, its own maps and ControlNet through the same stage CLIs
-        dvc_repro(ws, ["warmup"] + ([] if is_plugin else [f"conditions@{condition}"]))
-        if is_plugin:
-            run_stage(ws, ["conditions", condition])
-        extra = []
-        if steps is not None:
-            extra = ["--params", str(_override_params(ws, condition, steps))]
-        run_stage(ws, [*extra, "extend", condition])
-    return register(ws, condition)
+    with _recorded(ws):
+        primary = check_params(ws, profile)
+        if condition == primary:
+            dvc_repro(ws, ["warmup"])
+        elif not is_plugin and steps is None:
+            dvc_repro(ws, [f"extend@{condition}"])
+        else:
+            # a plugin has no stage in dvc.yaml (nothing in the repository changes to add one): its
+            # upstream comes through DVC, its own maps and ControlNet through the same stage CLIs
+            dvc_repro(ws, ["warmup"] + ([] if is_plugin else [f"conditions@{condition}"]))
+            if is_plugin:
+                run_stage(ws, ["conditions", condition])
+            extra = []
+            if steps is not None:
+                extra = ["--params", str(_override_params(ws, condition, steps))]
+            run_stage(ws, [*extra, "extend", condition])
+        registered = register(ws, condition)
+        _publish_runs(ws)
+    return registered
 
 
 def _override_params(ws: Path, condition: str, steps: int) -> Path:
@@ -146,24 +243,41 @@ def check_variant(variant: str) -> None:
         raise ValueError(f"unknown text-to-image variant {variant!r}; available: {', '.join(TEXT_TO_IMAGE_VARIANTS)}")
 
 
-@flow(name="jdm", log_prints=True)  # same flow name: the deployment is `jdm/text-to-image`
+@flow(name="jdm", flow_run_name="text-to-image-{variant}", log_prints=True)  # the deployment is `jdm/text-to-image`
 def text_to_image(variant: str = "decoupled-cfg", profile: str | None = None, workspace: str | None = None) -> dict:
     """Train one Table 3 variant (`dvc repro paper/dvc.yaml:text-to-image@<variant>`, building its upstream
     only if missing: rewards, guide, DI student), score its row beside the others already scored, and
     refresh reports/text-to-image. Returns the row (also in MLflow: stage `evaluate`, condition `text`)."""
-    import json
 
     check_variant(variant)
     ws = _workspace(workspace)
-    check_params(ws, profile)
-    dvc_repro(ws, [f"paper/dvc.yaml:text-to-image@{variant}"])
-    run_stage(ws, ["evaluate-text-to-image", "--methods", variant])
+    with _recorded(ws):
+        check_params(ws, profile)
+        dvc_repro(ws, [f"paper/dvc.yaml:text-to-image@{variant}"])
+        run_stage(ws, ["evaluate-text-to-image", "--methods", variant])
+        _publish_table(ws, "reports/text-to-image/table.md", "jdm-text-to-image-table")
+        _publish_runs(ws)
     return json.loads((ws / "metrics" / "text-to-image" / f"{variant}.json").read_text())
 
 
-@flow(name="jdm", log_prints=True)  # same flow name: the deployment is `jdm/reproduce`
+def _reproduce_name() -> str:
+    """`reproduce-<profile>`: the profile asked for, or the workspace's own."""
+    import yaml
+
+    params = flow_run.parameters
+    profile = params.get("profile")
+    if not profile:
+        with contextlib.suppress(OSError, yaml.YAMLError, TypeError, KeyError, FileNotFoundError):
+            profile = yaml.safe_load((_workspace(params.get("workspace")) / "params.yaml").read_text())["profile"]
+    return f"reproduce-{profile or 'workspace'}"
+
+
+@flow(name="jdm", flow_run_name=_reproduce_name, log_prints=True)  # same flow name: the deployment is `jdm/reproduce`
 def reproduce(profile: str | None = None, workspace: str | None = None) -> None:
-    """`dvc repro` of the whole pipeline (what changed since the last run)."""
+    """`dvc repro` of the whole pipeline (what changed since the last run); the table as an artifact."""
     ws = _workspace(workspace)
-    check_params(ws, profile)
-    dvc_repro(ws, [])
+    with _recorded(ws):
+        check_params(ws, profile)
+        dvc_repro(ws, [])
+        _publish_table(ws, "reports/main/table.md", "jdm-main-table")
+        _publish_runs(ws)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from types import ModuleType
 
 EXPERIMENT = "jdm"
+FLOW_RUN_ENV = "JDM_PREFECT_FLOW_RUN_ID"  # set by the Prefect flows for the stages they start
 
 
 def repository_root(start: Path | None = None) -> Path:
@@ -102,8 +103,10 @@ def stage_run(stage: str, profile: str, params: dict, condition: str | None = No
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
         artifacts = None if uri.startswith(("http://", "https://")) else (workspace / "mlartifacts").as_uri()
         mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
-    mlflow.set_experiment(EXPERIMENT)
-    run_tags = {"stage": stage, "profile": profile, "git_commit": git_commit(workspace), **(tags or {})}
+    experiment = mlflow.set_experiment(EXPERIMENT)
+    fail_abandoned_runs(mlflow.MlflowClient(uri), experiment.experiment_id)
+    run_tags = {"stage": stage, "profile": profile, "git_commit": git_commit(workspace), **_process_tags(),
+                **(tags or {})}
     if condition:
         run_tags["condition"] = condition
     name = "-".join(x for x in (stage, (tags or {}).get("method") if stage == "evaluate" else None) if x)
@@ -123,6 +126,43 @@ def channel_tiles(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] != 1:
         x = x.transpose(0, 1).reshape(-1, 1, *x.shape[2:])
     return x.expand(-1, 3, -1, -1)
+
+
+def _process_tags() -> dict[str, str]:
+    """Where the run's process is (so a later stage can tell it died), and the flow run that started it."""
+    import socket
+
+    import psutil
+
+    me = psutil.Process()
+    tags = {"host": socket.gethostname(), "pid": str(me.pid), "pid_started": repr(me.create_time())}
+    if os.environ.get(FLOW_RUN_ENV):
+        tags["prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
+    return tags
+
+
+def fail_abandoned_runs(client, experiment_id: str) -> list[str]:
+    """Runs this host left `RUNNING` whose process is gone (a killed stage or worker) are marked `FAILED`,
+    with a `failure` tag saying why; runs of other hosts are left alone. Returns the runs marked."""
+    import socket
+
+    import psutil
+
+    host, marked = socket.gethostname(), []
+    for run in client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.host = '{host}'"):
+        pid, started = run.data.tags.get("pid"), run.data.tags.get("pid_started")
+        if pid is None:
+            continue
+        try:
+            alive = repr(psutil.Process(int(pid)).create_time()) == started  # not a new process with an old PID
+        except psutil.NoSuchProcess:
+            alive = False
+        if not alive:
+            client.set_tag(run.info.run_id, "failure", f"its process {pid} on {host} ended without finishing the run")
+            client.set_terminated(run.info.run_id, "FAILED")
+            print(f"MLflow run {run.info.run_name} ({run.info.run_id}) was left RUNNING by a lost process: marked FAILED")
+            marked.append(run.info.run_id)
+    return marked
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:

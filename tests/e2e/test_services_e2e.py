@@ -103,7 +103,7 @@ def test_add_control_deployment_trains_registers_resumes_after_a_lost_worker_and
     blur = ["condition=team_conditions:Blur", "steps=20"]
     ckpt = work / "checkpoints/extend-team_conditions-Blur"
     submit = ["prefect", "deployment", "run", "jdm/add-control"] + [x for b in blur for x in ("-p", b)]
-    run(submit, work, env=env)
+    lost_flow_run = run(submit, work, env=env).stdout.split("UUID: ")[1].split()[0]
     deadline = time.time() + 300
     while not list(ckpt.glob("step-*.safetensors")) and time.time() < deadline:
         time.sleep(0.1)
@@ -122,6 +122,24 @@ def test_add_control_deployment_trains_registers_resumes_after_a_lost_worker_and
     resumed = json.loads((work / "metrics/extend-team_conditions-Blur.json").read_text())
     assert resumed["resumed_from_step"] >= 2 and resumed["steps"] == 20, resumed
     assert not ckpt.exists()
+    # what the lost worker left running was marked by the runs after it: its flow run crashed, the
+    # extension's MLflow run failed; the flow run names say what ran
+    lost = json.loads(run(["prefect", "flow-run", "inspect", lost_flow_run, "--output", "json"], work, env=env).stdout)
+    assert lost["name"] == "add-control-team_conditions:Blur" and lost["state"]["type"] == "CRASHED", lost["state"]
+    assert "a lost worker" in lost["state"]["message"]
+    blur_runs = client.search_runs([experiment], "tags.condition = 'team_conditions:Blur' and tags.stage = 'extend'")
+    assert sorted(r.info.status for r in blur_runs) == ["FAILED", "FINISHED"], [r.info.status for r in blur_runs]
+    finished = next(r for r in blur_runs if r.info.status == "FINISHED")
+    # a link artifact to each MLflow run the flow run made, those runs tagged with its id
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[finished.data.tags["prefect_flow_run_id"]])))
+    links = [a.data for a in artifacts if a.type == "link"]
+    assert any(finished.info.run_id in link for link in links), [(a.type, a.data) for a in artifacts]
 
     for c in ("hed", "team_conditions:Blur"):
         name = "jdm-controlnet-" + c.replace(":", "-")

@@ -194,8 +194,15 @@ def test_text_to_image_variants_train_are_scored_and_run_from_a_flow(smoke_works
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness():
-        row = text_to_image(variant="hfl", workspace=str(work))
+        state = text_to_image(variant="hfl", workspace=str(work), return_state=True)
+        row = state.result()
         assert row["method"] == "hfl" and row["nfe"] == 1
+        from prefect import get_client
+        from prefect.artifacts import Artifact
+
+        with get_client(sync_client=True) as client:  # the flow run named for what ran; the table published
+            assert client.read_flow_run(state.state_details.flow_run_id).name == "text-to-image-hfl"
+        assert Artifact.get("jdm-text-to-image-table").data == md
         with pytest.raises(ValueError, match="unknown text-to-image variant 'hfl2'; available: di, coupled-cfg"):
             text_to_image(variant="hfl2", workspace=str(work))
 

@@ -1,0 +1,39 @@
+"""MLflow runs left `RUNNING` by a killed stage are marked failed by the next stage on the same host;
+runs of other hosts and of live processes are left alone; a flow run's id reaches its stages' runs."""
+
+import os
+import subprocess
+import sys
+
+from jdm.tracking import FLOW_RUN_ENV, stage_run
+
+KILLED_STAGE = """
+import os, signal, sys
+from pathlib import Path
+from jdm.tracking import stage_run
+with stage_run("extend", "smoke", {}, condition="hed", workspace=Path(sys.argv[1])):
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_run_whose_process_died_is_marked_failed_by_the_next_stage(tmp_path, monkeypatch):
+    import mlflow
+
+    (tmp_path / ".dvc").mkdir()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    killed = subprocess.run([sys.executable, "-c", KILLED_STAGE, str(tmp_path)], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("jdm").experiment_id
+    (lost,) = client.search_runs([experiment])
+    assert lost.info.status == "RUNNING"
+    elsewhere = client.create_run(experiment, tags={"host": "another-machine", "pid": "1", "pid_started": "0"})
+    monkeypatch.setenv(FLOW_RUN_ENV, "3f6c-flow-run")
+    with stage_run("extend", "smoke", {}, condition="sr", workspace=tmp_path):
+        live = [r for r in client.search_runs([experiment], "tags.condition = 'sr'")]
+        assert [r.info.status for r in live] == ["RUNNING"]  # its own run, alive, is not touched
+    lost = client.get_run(lost.info.run_id)
+    assert lost.info.status == "FAILED" and "ended without finishing the run" in lost.data.tags["failure"]
+    assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"  # not this host's to judge
+    assert live[0].data.tags["prefect_flow_run_id"] == "3f6c-flow-run"
+    assert live[0].data.tags["pid"] == str(os.getpid())
