@@ -12,7 +12,8 @@ from ..conftest import REPO
 sys.path.insert(0, str(REPO / "flows"))
 from jdm_flows import _run  # noqa: E402
 
-SLOW_STAGE = "import time; print('first', flush=True); time.sleep(2); print('second'); print('to stderr', file=__import__('sys').stderr)"
+SLOW_STAGE = ("import sys, time; print('first', flush=True); time.sleep(2); print('second'); "
+              "print('to stderr', file=sys.stderr)")
 
 
 @flow(name="runner-check")
