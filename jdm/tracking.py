@@ -12,6 +12,7 @@ import resource
 import subprocess
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -27,9 +28,13 @@ FLOW_RUN_ENV = "JDM_PREFECT_FLOW_RUN_ID"  # set by the Prefect flows for the sta
 
 def repository_root(start: Path | None = None) -> Path:
     """The nearest directory at or above `start` (default: the working directory) that holds `.dvc/`: a
-    stage run from a subfolder (seeds/<k>/ of seeds/dvc.yaml) records into the repository's one store."""
+    stage run from a subfolder (seeds/<k>/ of seeds/dvc.yaml) records into the repository's one store,
+    and so does a `dvc exp run --temp` experiment, which DVC runs in a copy at `.dvc/tmp/exps/<tmp>/`."""
     start = (start or Path.cwd()).resolve()
-    return next((d for d in (start, *start.parents) if (d / ".dvc").is_dir()), start)
+    root = next((d for d in (start, *start.parents) if (d / ".dvc").is_dir()), start)
+    if root.parent.name == "exps" and root.parent.parent.name == "tmp" and root.parents[2].name == ".dvc":
+        return root.parents[3]
+    return root
 
 
 def tracking_uri(workspace: Path | None = None) -> str:
@@ -110,9 +115,12 @@ def stage_run(stage: str, profile: str, params: dict, condition: str | None = No
     if condition:
         run_tags["condition"] = condition
     name = "-".join(x for x in (stage, (tags or {}).get("method") if stage == "evaluate" else None) if x)
-    with mlflow.start_run(run_name=f"{name}@{condition}" if condition else name, tags=run_tags):
+    # system metrics (CPU, memory, and GPU where pynvml sees one) every 10 s, beside the stage's own
+    with mlflow.start_run(run_name=f"{name}@{condition}" if condition else name, tags=run_tags,
+                          log_system_metrics=True):
         mlflow.log_params(flatten(params))
         _check_artifact_store(mlflow, params)
+        _log_datasets(mlflow, workspace, stage, condition)
         yield mlflow
         # the stage process's peak memory so far (ru_maxrss is KiB on Linux): what a worker must have
         mlflow.log_metric("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -126,6 +134,41 @@ def channel_tiles(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] != 1:
         x = x.transpose(0, 1).reshape(-1, 1, *x.shape[2:])
     return x.expand(-1, 3, -1, -1)
+
+
+# what a stage reads, as MLflow dataset inputs (the run's Datasets column): which data made this model
+DATASETS = ("data/prepared", "data/conditions/{condition}")
+
+
+def _log_datasets(mlflow, workspace: Path, stage: str, condition: str | None) -> None:
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    context = "evaluation" if stage.startswith(("evaluate", "reference", "report")) else "training"
+    for pattern in DATASETS:
+        if "{condition}" in pattern and not condition:
+            continue
+        folder = workspace / pattern.format(condition=condition)
+        if stage == "data" or not folder.is_dir():
+            continue
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both readings are the local one
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(folder.resolve()))  # where the stage read it
+        mlflow.log_input(MetaDataset(source, name=pattern.format(condition=condition), digest=folder_digest(folder)),
+                         context=context)
+
+
+def folder_digest(folder: Path, sample: int = 1 << 20) -> str:
+    """A short fingerprint of a folder's files: names, sizes and their first `sample` bytes (MLflow's
+    dataset digests sample the data the same way; a full hash of sd15's data would take minutes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder)}:{path.stat().st_size}:".encode())
+        with open(path, "rb") as handle:
+            digest.update(handle.read(sample))
+    return digest.hexdigest()[:12]
 
 
 def _process_tags() -> dict[str, str]:

@@ -1,11 +1,12 @@
 """MLflow runs left `RUNNING` by a killed stage are marked failed by the next stage on the same host;
-runs of other hosts and of live processes are left alone; a flow run's id reaches its stages' runs."""
+runs of other hosts and of live processes are left alone; a flow run's id and the data a stage read
+reach its run."""
 
 import os
 import subprocess
 import sys
 
-from jdm.tracking import FLOW_RUN_ENV, stage_run
+from jdm.tracking import FLOW_RUN_ENV, folder_digest, stage_run
 
 KILLED_STAGE = """
 import os, signal, sys
@@ -29,6 +30,8 @@ def test_a_run_whose_process_died_is_marked_failed_by_the_next_stage(tmp_path, m
     assert lost.info.status == "RUNNING"
     elsewhere = client.create_run(experiment, tags={"host": "another-machine", "pid": "1", "pid_started": "0"})
     monkeypatch.setenv(FLOW_RUN_ENV, "3f6c-flow-run")
+    (tmp_path / "data/conditions/sr").mkdir(parents=True)
+    (tmp_path / "data/conditions/sr/maps.safetensors").write_bytes(b"maps")
     with stage_run("extend", "smoke", {}, condition="sr", workspace=tmp_path):
         live = [r for r in client.search_runs([experiment], "tags.condition = 'sr'")]
         assert [r.info.status for r in live] == ["RUNNING"]  # its own run, alive, is not touched
@@ -37,3 +40,7 @@ def test_a_run_whose_process_died_is_marked_failed_by_the_next_stage(tmp_path, m
     assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"  # not this host's to judge
     assert live[0].data.tags["prefect_flow_run_id"] == "3f6c-flow-run"
     assert live[0].data.tags["pid"] == str(os.getpid())
+    # the data it read, as a dataset input with a fingerprint of its files
+    (data,) = live[0].inputs.dataset_inputs
+    assert data.dataset.name == "data/conditions/sr" and data.dataset.source_type == "local"
+    assert data.dataset.digest == folder_digest(tmp_path / "data/conditions/sr") and data.tags[0].value == "training"

@@ -1,0 +1,34 @@
+"""`dvc exp run -S`: DVC's way to try a setting. A `--temp` experiment runs in a copy under
+`.dvc/tmp/exps/`; its MLflow run must still land in the workspace's store, and the workspace's
+params.yaml stays as it was."""
+
+import json
+import subprocess
+
+import pytest
+import yaml
+
+from .conftest import run
+
+
+@pytest.mark.e2e
+def test_a_temporary_dvc_experiment_records_into_the_workspace_store(smoke_workspace):
+    import mlflow
+
+    work = smoke_workspace
+    git = ["git", "-c", "user.name=jdm-tests", "-c", "user.email=tests@jdm.invalid"]
+    run([*git, "add", "-A"], work)
+    run([*git, "commit", "-qm", "the smoke workspace"], work)  # an experiment is relative to a commit
+    params_before = (work / "params.yaml").read_text()
+    run(["dvc", "exp", "run", "--temp", "-n", "sr-three-steps", "-S", "extend.steps=3", "extend@sr"], work)
+    assert (work / "params.yaml").read_text() == params_before
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=work, capture_output=True, text=True,
+                                      check=True).stdout)
+    text = json.dumps(shown)
+    assert "sr-three-steps" in text
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("jdm").experiment_id],
+                              "tags.stage = 'extend' and tags.condition = 'sr' and params.`extend.steps` = '3'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert not list((work / ".dvc/tmp/exps").rglob("mlflow.db"))  # nothing recorded into the temporary copy
+    assert yaml.safe_load(params_before)["extend"]["steps"] != 3
