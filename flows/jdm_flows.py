@@ -183,7 +183,7 @@ def run_stage(ws: Path, args: list[str]) -> None:
 
 @task(retries=3, retry_delay_seconds=5)  # the tracking server may be briefly unreachable
 def register(ws: Path, condition: str) -> str:
-    from jdm.tracking import register_controlnet
+    from jdm.serving import register_controlnet
 
     name, version = register_controlnet(condition, ws)
     get_run_logger().info("registered %s version %s (alias 'newest')", name, version)

@@ -27,6 +27,7 @@ import torch
 from .judges import Judge, judged_consistency_per_sample
 from .metrics import bootstrap, consistency_per_sample, features, fid, fid_resampler, kid, kid_resampler, prompt_hits
 from .models.backbone import Backbone
+from .progress import progress
 from .sampling import sample_cfg
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ def generate(sampler: Sampler, hidden: torch.Tensor, mask: torch.Tensor, maps: t
              batch_size: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     out = []
-    for i in range(0, len(hidden), batch_size):
+    for i in progress(range(0, len(hidden), batch_size), f"sampling {len(hidden)} images, NFE {sampler.nfe}"):
         sl = slice(i, i + batch_size)
         out.append(sampler.sample(hidden[sl], mask[sl], None if maps is None else maps[sl], g))
     return torch.cat(out)

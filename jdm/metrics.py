@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+from .progress import progress
+
 if TYPE_CHECKING:
     from .annotators.classifier import Classifier
     from .conditions import Condition
@@ -75,7 +77,7 @@ def features(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -
     """[N, D] float64 features of `images` ([0,1], [N,C,H,W]), batch by batch on the network's device."""
     device = next(net.parameters(), torch.empty(0)).device
     return np.concatenate([net(images[i:i + batch_size].to(device)).double().cpu().numpy()
-                           for i in range(0, len(images), batch_size)])
+                           for i in progress(range(0, len(images), batch_size), f"features of {len(images)} images")])
 
 
 def fid(feats_a: np.ndarray, feats_b: np.ndarray) -> float:

@@ -9,6 +9,7 @@ from diffusers import DDIMScheduler, UniPCMultistepScheduler
 
 from .models.generator import controlnet_residuals
 from .objectives import cfg_eps
+from .progress import progress
 
 if TYPE_CHECKING:
     from diffusers import ControlNetModel, UNet2DConditionModel
@@ -34,7 +35,7 @@ def sample_cfg(unet: UNet2DConditionModel, scheduler_config: dict[str, Any], hid
     ctx = torch.cat([hidden, null_hidden.expand_as(hidden)]) if guided else hidden
     ctx_mask = torch.cat([mask, null_mask.expand_as(mask)]) if guided else mask
     ctrl = torch.cat([control, control]) if (guided and control is not None) else control
-    for t in scheduler.timesteps:
+    for t in progress(scheduler.timesteps, f"{steps} denoising steps"):
         inp = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
         residuals = controlnet_residuals([(controlnet, ctrl, conditioning_scale)] if controlnet is not None else [],
                                          inp, t, ctx)

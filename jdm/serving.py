@@ -1,4 +1,4 @@
-"""The one-step pipeline as an MLflow model (pyfunc): what `register_controlnet` logs and registers, so
+"""The one-step pipeline as an MLflow model (pyfunc), logged and registered by `register_controlnet`, so
 that `mlflow.pyfunc.load_model("models:/jdm-controlnet-hed@newest")` loads it anywhere MLflow runs.
 
 Input: a table with a `prompt` (string) and a `control` map (PNG or JPEG bytes) per row; params `seed`
@@ -16,6 +16,8 @@ from pathlib import Path
 import mlflow
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+from .tracking import EXPERIMENT, check_reachable, repository_root, tracking_uri
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "prompt"), ColSpec("binary", "control")]),
@@ -76,3 +78,62 @@ def log_pipeline_model(pipe, pipeline_dir: Path, condition: str, name: str = "pi
         code_paths=[str(Path(__file__).resolve().parent)],  # the `jdm` package itself, so no checkout is needed
         pip_requirements=[f"{dist}=={metadata.version(dist)}" for dist in REQUIREMENTS])
 
+
+def registered_name(condition: str) -> str:
+    return f"jdm-controlnet-{condition.replace(':', '-')}"
+
+
+NEWEST = "newest"  # the alias of the newest registered version ('latest' is reserved by MLflow)
+
+
+def register_controlnet(condition: str, workspace: Path | None = None) -> tuple[str, str]:
+    """Register the ControlNet of the newest finished run that trained `condition` (the `extend` stage,
+    or the `warmup` stage for the primary condition) as model `jdm-controlnet-<condition>`, alias
+    `newest`: the workspace's generator and that ControlNet as one diffusers pipeline with a model card,
+    logged into that run as an MLflow pyfunc model (`jdm/serving.py`) and registered from it, so
+    `mlflow.pyfunc.load_model("models:/jdm-controlnet-<condition>@newest")` loads it. Registering the
+    same run twice returns its existing version."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    workspace = repository_root(workspace)
+    uri = tracking_uri(workspace)
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        raise LookupError(f"no experiment {EXPERIMENT!r} at {uri}: no stage has run yet")
+    runs = [r for r in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"],
+                                          max_results=50, filter_string=f"tags.condition = '{condition}' "
+                                                                        f"and attributes.status = 'FINISHED'")
+            if r.data.tags.get("stage") in ("extend", "warmup")]  # the tag filter has no IN
+    if not runs:
+        raise LookupError(f"no finished warmup/extend run for condition {condition!r} at {uri}")
+    run = runs[0]
+    name = registered_name(condition)
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, tags={"condition": condition},
+                                       description=f"JDM one-step pipeline with the ControlNet for condition {condition!r} "
+                                                   f"(MLflow pyfunc: prompt and control map in, image out)")
+    existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == run.info.run_id]
+    if existing:
+        version = existing[0]
+    else:
+        from .pipeline import OneStepControlPipeline
+
+        tags = run.data.tags
+        trained_on = (f"Profile `{tags.get('profile', '?')}`; MLflow run `{run.info.run_id}` (stage `{tags['stage']}`, "
+                      f"{int(run.data.metrics.get('steps', 0))} iterations). Scores below: the stage's validation maps.")
+        scores = {condition: {k: run.data.metrics[k] for k in ("consistency", "fid_classifier", "prompt_accuracy")
+                              if k in run.data.metrics}}
+        pipe = OneStepControlPipeline.from_workspace(workspace / "models/jdm", [condition])
+        with tempfile.TemporaryDirectory() as tmp:
+            pipe.save_pretrained(Path(tmp) / "pipeline", trained_on=trained_on, metrics=scores)
+            mlflow.set_tracking_uri(uri)
+            with mlflow.start_run(run_id=run.info.run_id):
+                info = log_pipeline_model(pipe, Path(tmp) / "pipeline", condition)
+        version = mlflow.register_model(info.model_uri, name, tags={"stage": tags["stage"],
+                                                                     "profile": tags.get("profile", "")})
+    client.set_registered_model_alias(name, NEWEST, version.version)
+    return name, str(version.version)

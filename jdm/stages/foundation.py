@@ -10,6 +10,7 @@ import torch
 from .. import data as jdata
 from ..config import Params
 from ..io import atomic_dir, save_tensors, write_json
+from ..progress import progress
 from ..tracking import channel_tiles, image_grid, stage_run
 from .common import ANNOTATORS, CONDITIONS, METRICS, MODELS, PREPARED, logger, section, setup
 
@@ -115,7 +116,8 @@ def run_conditions(params: Params, name: str) -> None:
         for split, limit in (("train", p.max_train), ("eval", None)):
             s = prepared.split(split)
             n = len(s) if limit is None else min(limit, len(s))
-            chunks = [cond.extract(s.pixels(slice(i, min(n, i + p.batch_size)))) for i in range(0, n, p.batch_size)]
+            chunks = [cond.extract(s.pixels(slice(i, min(n, i + p.batch_size))))
+                      for i in progress(range(0, n, p.batch_size), f"{name} maps, {split} split")]
             maps[split] = (torch.cat(chunks).clamp(0, 1) * 255).round().to(torch.uint8)
         with atomic_dir(CONDITIONS / condition_slug(name)) as out:
             save_tensors(maps, out / "maps.safetensors", metadata={"condition": name, "channels": cond.channels})

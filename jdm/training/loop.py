@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
+from ..progress import progress
 from .checkpoint import Checkpointer, restore_agreed
 from .errors import TrainingDiverged
 
@@ -33,7 +34,8 @@ def run_steps(checkpointer: Checkpointer | None, steps: int, step_fn: Callable[[
     start = restore_agreed(checkpointer, accelerator) if checkpointer is not None else 0
     if start:
         print(f"resumed from the checkpoint of step {start} in {checkpointer.directory}", flush=True)
-    for step in range(start + 1, steps + 1):
+    main = accelerator is None or accelerator.is_main_process
+    for step in progress(range(start + 1, steps + 1), "training", total=steps, initial=start, enabled=main):
         try:
             step_fn(step)
         except FloatingPointError as err:

@@ -166,7 +166,8 @@ def test_a_registered_controlnet_loads_as_an_mlflow_model(workspace, tmp_path, m
     import pandas as pd
     from PIL import Image
 
-    from jdm.tracking import register_controlnet, stage_run
+    from jdm.serving import register_controlnet
+    from jdm.tracking import stage_run
 
     models, _, _ = workspace
     (tmp_path / ".dvc").mkdir()  # the repository root, where the embedded MLflow store lives
