@@ -116,8 +116,9 @@ def stage_run(stage: str, profile: str, params: dict, condition: str | None = No
         run_tags["condition"] = condition
     name = "-".join(x for x in (stage, (tags or {}).get("method") if stage == "evaluate" else None) if x)
     # system metrics (CPU, memory, and GPU where pynvml sees one) every 10 s, beside the stage's own
+    # inside another stage_run (an evaluation's parent run) the run is nested under it
     with mlflow.start_run(run_name=f"{name}@{condition}" if condition else name, tags=run_tags,
-                          log_system_metrics=True):
+                          nested=mlflow.active_run() is not None, log_system_metrics=True):
         mlflow.log_params(flatten(params))
         _check_artifact_store(mlflow, params)
         _log_datasets(mlflow, workspace, stage, condition)

@@ -202,23 +202,26 @@ def run_evaluate(params: Params, methods: list[str], name: str) -> None:
     judge = load_judge(name, params, MODELS)
     real = held_out_images(params, prepared) if judge is not None else None
     slug = condition_slug(name)
-    for method in methods:
-        sampler = _method_sampler(params, method, name, backbone, null)
-        with stage_run("evaluate", params.profile, section(params, "evaluation"), condition=name,
-                       tags={"method": method}) as mlflow:
-            start = time.perf_counter()
-            samples = generate(sampler, hidden, mask, maps, batch_size=params.evaluation.batch_size, seed=params.seed)
-            sample_seconds = time.perf_counter() - start
-            metrics = {"nfe": sampler.nfe, "sample_seconds": sample_seconds,
-                       "latency_ms": latency_ms(sampler, hidden, mask, maps, params.evaluation.latency_repeats),
-                       **score(samples, maps, classes, condition, classifier, spaces,
-                               resamples=params.evaluation.bootstrap_resamples, seed=params.seed,
-                               judge=judge, real=real)}
-            mlflow.log_metrics(metrics)
-            grid = image_grid(samples[:SAMPLES_SHOWN], nrow=SAMPLES_SHOWN)  # make_grid turns gray into RGB
-            mlflow.log_image(grid, f"{method}_{slug}_samples.png")
-            SAMPLES.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(grid).save(SAMPLES / f"{method}-{slug}.png")
-            write_json({"method": method, "condition": name, **metrics}, METRICS / "eval" / f"{method}-{slug}.json")
-            print(f"evaluate {method} {name}: {json.dumps(metrics)}", flush=True)
+    # one parent run per condition, a nested run per method: the MLflow UI groups a condition's rows
+    with stage_run("evaluation", params.profile, section(params, "evaluation"), condition=name,
+                   tags={"methods": ",".join(methods)}):
+        for method in methods:
+            sampler = _method_sampler(params, method, name, backbone, null)
+            with stage_run("evaluate", params.profile, section(params, "evaluation"), condition=name,
+                           tags={"method": method}) as mlflow:
+                start = time.perf_counter()
+                samples = generate(sampler, hidden, mask, maps, batch_size=params.evaluation.batch_size, seed=params.seed)
+                sample_seconds = time.perf_counter() - start
+                metrics = {"nfe": sampler.nfe, "sample_seconds": sample_seconds,
+                           "latency_ms": latency_ms(sampler, hidden, mask, maps, params.evaluation.latency_repeats),
+                           **score(samples, maps, classes, condition, classifier, spaces,
+                                   resamples=params.evaluation.bootstrap_resamples, seed=params.seed,
+                                   judge=judge, real=real)}
+                mlflow.log_metrics(metrics)
+                grid = image_grid(samples[:SAMPLES_SHOWN], nrow=SAMPLES_SHOWN)  # make_grid turns gray into RGB
+                mlflow.log_image(grid, f"{method}_{slug}_samples.png")
+                SAMPLES.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(grid).save(SAMPLES / f"{method}-{slug}.png")
+                write_json({"method": method, "condition": name, **metrics}, METRICS / "eval" / f"{method}-{slug}.json")
+                print(f"evaluate {method} {name}: {json.dumps(metrics)}", flush=True)
 

@@ -243,31 +243,34 @@ def run_evaluate_text_to_image(params: Params, methods: list[str]) -> None:
     size = params.data.image_size // backbone.factor
     with torch.no_grad():  # the scale of each reward: real test images, the same for every row
         real = {f"{name}_real": reward(reference).mean().item() for name, reward in rewards.items()}
-    for method in methods:
-        if method == "teacher":
-            sampler = teacher_sampler(params, backbone, null)
-        else:
-            generator = load_generator(TEXT_TO_IMAGE / method / "generator", primary=False)[0]
-            sampler = one_step_sampler(generator, None, backbone, size)
-        with stage_run("evaluate", params.profile, section(params, "evaluation"), condition="text",
-                       tags={"method": method}) as mlflow:
-            start = time.perf_counter()
-            samples = generate(sampler, hidden, mask, None, batch_size=e.batch_size, seed=params.seed)
-            metrics = {"nfe": sampler.nfe, "sample_seconds": time.perf_counter() - start,
-                       "latency_ms": latency_ms(sampler, hidden, mask, None, e.latency_repeats),
-                       **score_samples(samples, spaces, {"prompt_accuracy": prompt_hits(classifier, samples, classes).float()},
-                                       resamples=e.bootstrap_resamples, seed=params.seed)}
-            with torch.no_grad():
-                metrics.update({name: reward(samples).mean().item() for name, reward in rewards.items()})
-            metrics.update(real)
-            mlflow.log_metrics(metrics)
-            order = torch.argsort(classes[:4 * SAMPLES_SHOWN], stable=True)
-            grid = image_grid(samples[:4 * SAMPLES_SHOWN][order], nrow=SAMPLES_SHOWN)
-            mlflow.log_image(grid, f"{method}_text_samples.png")
-            SAMPLES.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(grid).save(SAMPLES / f"{method}-text.png")
-            write_json({"method": method, "condition": "text", **metrics}, TEXT_TO_IMAGE_METRICS / f"{method}.json")
-            print(f"evaluate {method} text: {json.dumps(metrics)}", flush=True)
+    with stage_run("evaluation", params.profile, section(params, "evaluation"), condition="text",
+                   tags={"methods": ",".join(methods)}):  # the parent of one nested run per method
+        for method in methods:
+            if method == "teacher":
+                sampler = teacher_sampler(params, backbone, null)
+            else:
+                generator = load_generator(TEXT_TO_IMAGE / method / "generator", primary=False)[0]
+                sampler = one_step_sampler(generator, None, backbone, size)
+            with stage_run("evaluate", params.profile, section(params, "evaluation"), condition="text",
+                           tags={"method": method}) as mlflow:
+                start = time.perf_counter()
+                samples = generate(sampler, hidden, mask, None, batch_size=e.batch_size, seed=params.seed)
+                metrics = {"nfe": sampler.nfe, "sample_seconds": time.perf_counter() - start,
+                           "latency_ms": latency_ms(sampler, hidden, mask, None, e.latency_repeats),
+                           **score_samples(samples, spaces,
+                                           {"prompt_accuracy": prompt_hits(classifier, samples, classes).float()},
+                                           resamples=e.bootstrap_resamples, seed=params.seed)}
+                with torch.no_grad():
+                    metrics.update({name: reward(samples).mean().item() for name, reward in rewards.items()})
+                metrics.update(real)
+                mlflow.log_metrics(metrics)
+                order = torch.argsort(classes[:4 * SAMPLES_SHOWN], stable=True)
+                grid = image_grid(samples[:4 * SAMPLES_SHOWN][order], nrow=SAMPLES_SHOWN)
+                mlflow.log_image(grid, f"{method}_text_samples.png")
+                SAMPLES.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(grid).save(SAMPLES / f"{method}-text.png")
+                write_json({"method": method, "condition": "text", **metrics}, TEXT_TO_IMAGE_METRICS / f"{method}.json")
+                print(f"evaluate {method} text: {json.dumps(metrics)}", flush=True)
     # the table holds every row scored so far, so evaluating one variant (the Prefect flow) refreshes it
     rows = [json.loads(f.read_text()) for f in (TEXT_TO_IMAGE_METRICS / f"{m}.json" for m in TEXT_ROWS) if f.is_file()]
     with stage_run("report", params.profile, section(params, "evaluation"), tags={"table": "text-to-image"}) as mlflow:

@@ -12,7 +12,7 @@ import pytest
 from .conftest import params_file, run
 
 STAGE_RUNS = {"data", "annotator-hed", "annotator-depth", "annotator-classifier", "judge-depth", "conditions", "teacher",
-              "evaluate-teacher", "warmup", "extend", "controlnet-50", "reference", "evaluate", "report"}
+              "evaluate-teacher", "warmup", "extend", "controlnet-50", "reference", "evaluation", "evaluate", "report"}
 
 
 @pytest.mark.e2e

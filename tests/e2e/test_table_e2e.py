@@ -70,6 +70,10 @@ def test_table_in_dvc_metrics_mlflow_and_report(smoke_workspace, tmp_path):
     pairs = {(r.data.tags["method"], r.data.tags["condition"]) for r in runs}
     assert {(m, c) for m in ("jdm", "controlnet-50") for c in CONDITIONS} <= pairs
     assert all(ROW_METRICS <= set(r.data.metrics) for r in runs)  # the same names line up in the compare view
+    # each row's run is nested under its condition's evaluation run
+    parents = {r.info.run_id: r for r in client.search_runs([runs[0].info.experiment_id], "tags.stage = 'evaluation'")}
+    assert all(parents[r.data.tags["mlflow.parentRunId"]].data.tags["condition"] == r.data.tags["condition"]
+               for r in runs)
     assert all(r.data.tags["method"] == "controlnet-50" for r in client.search_runs(
         [runs[0].info.experiment_id], "tags.stage = 'controlnet-50'"))
 
