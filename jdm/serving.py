@@ -84,15 +84,18 @@ def registered_name(condition: str) -> str:
 
 
 NEWEST = "newest"  # the alias of the newest registered version ('latest' is reserved by MLflow)
+BEST = "best"  # moves only to a version at least as good as the one it named, on the stage's validation maps
+QUALITY = ("consistency", "fid_classifier")  # the training run's final validation scores; lower is better
 
 
 def register_controlnet(condition: str, workspace: Path | None = None) -> tuple[str, str]:
     """Register the ControlNet of the newest finished run that trained `condition` (the `extend` stage,
-    or the `warmup` stage for the primary condition) as model `jdm-controlnet-<condition>`, alias
-    `newest`: the workspace's generator and that ControlNet as one diffusers pipeline with a model card,
-    logged into that run as an MLflow pyfunc model (`jdm/serving.py`) and registered from it, so
-    `mlflow.pyfunc.load_model("models:/jdm-controlnet-<condition>@newest")` loads it. Registering the
-    same run twice returns its existing version."""
+    or the `warmup` stage for the primary condition) as model `jdm-controlnet-<condition>`: the
+    workspace's generator and that ControlNet as one diffusers pipeline with a model card, logged into
+    that run as an MLflow pyfunc model and registered from it, so
+    `mlflow.pyfunc.load_model("models:/jdm-controlnet-<condition>@newest")` loads it. Alias `newest`
+    always moves to it; `best` only if it is at least as good as the version `best` named. Registering
+    the same run twice returns its existing version."""
     import tempfile
 
     from mlflow import MlflowClient
@@ -136,4 +139,13 @@ def register_controlnet(condition: str, workspace: Path | None = None) -> tuple[
         version = mlflow.register_model(info.model_uri, name, tags={"stage": tags["stage"],
                                                                      "profile": tags.get("profile", "")})
     client.set_registered_model_alias(name, NEWEST, version.version)
+    best = client.get_registered_model(name).aliases.get(BEST)
+    if best is None or _at_least_as_good(run, client.get_run(client.get_model_version(name, best).run_id)):
+        client.set_registered_model_alias(name, BEST, version.version)
     return name, str(version.version)
+
+
+def _at_least_as_good(new, old) -> bool:
+    """No worse on every QUALITY score (validation maps of the training stage); runs that lack one are not compared."""
+    a, b = new.data.metrics, old.data.metrics
+    return all(k in a and k in b for k in QUALITY) and all(a[k] <= b[k] for k in QUALITY)

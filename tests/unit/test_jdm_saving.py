@@ -173,9 +173,17 @@ def test_a_registered_controlnet_loads_as_an_mlflow_model(workspace, tmp_path, m
     (tmp_path / ".dvc").mkdir()  # the repository root, where the embedded MLflow store lives
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with stage_run("extend", "smoke", {"extend": {"steps": 3}}, condition="hed", workspace=tmp_path) as run:
-        run.log_metrics({"consistency": 0.2, "steps": 3})
+        run.log_metrics({"consistency": 0.2, "fid_classifier": 1.5, "steps": 3})
     assert register_controlnet("hed", tmp_path) == ("jdm-controlnet-hed", "1")
     assert register_controlnet("hed", tmp_path) == ("jdm-controlnet-hed", "1")
+    # `newest` follows every new version; `best` only one no worse on the validation scores
+    client = mlflow.MlflowClient()
+    for version, (consistency, fid) in ((2, (0.3, 2.0)), (3, (0.1, 1.0))):
+        with stage_run("extend", "smoke", {}, condition="hed", workspace=tmp_path) as run:
+            run.log_metrics({"consistency": consistency, "fid_classifier": fid})
+        assert register_controlnet("hed", tmp_path) == ("jdm-controlnet-hed", str(version))
+        aliases = client.get_registered_model("jdm-controlnet-hed").aliases
+        assert (aliases["newest"], aliases["best"]) == (version, 1 if version == 2 else 3), aliases
     model = mlflow.pyfunc.load_model("models:/jdm-controlnet-hed@newest")
     assert model.metadata.signature.inputs.input_names() == ["prompt", "control"]
     assert len(model.predict(model.input_example)["image"]) == 1  # a blank map of the ControlNet's size
