@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -245,9 +246,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a record comes (a test's capture replaces it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno == logging.INFO else f"{record.levelname}: {text}"
+
+
+def configure_logging() -> None:
+    """The library's messages on stdout, once per process: progress and results as plain lines, warnings
+    and errors with their level; JDM_LOG_LEVEL (default INFO) sets what is shown."""
+    import os
+
+    level = os.environ.get("JDM_LOG_LEVEL", "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise UserError(f"JDM_LOG_LEVEL={level!r}; allowed: {', '.join(LOG_LEVELS)}")
+    package = logging.getLogger("jdm")
+    package.setLevel(level)
+    if not any(isinstance(h, _StdoutHandler) for h in package.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(_Formatter("%(message)s"))
+        package.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        configure_logging()
         args.func(args)
     except (UserError, FileNotFoundError, ConnectionError, TrainingStopped) as err:
         print(f"jdm {args.command}: error: {err}", file=sys.stderr)

@@ -7,6 +7,7 @@ MLFLOW_TRACKING_URI points elsewhere (a team's `mlflow server`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import resource
 import subprocess
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -204,7 +207,7 @@ def fail_abandoned_runs(client, experiment_id: str) -> list[str]:
         if not alive:
             client.set_tag(run.info.run_id, "failure", f"its process {pid} on {host} ended without finishing the run")
             client.set_terminated(run.info.run_id, "FAILED")
-            print(f"MLflow run {run.info.run_name} ({run.info.run_id}) was left RUNNING by a lost process: marked FAILED")
+            log.warning(f"MLflow run {run.info.run_name} ({run.info.run_id}) was left RUNNING by a lost process: marked FAILED")
             marked.append(run.info.run_id)
     return marked
 

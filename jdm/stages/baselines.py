@@ -4,6 +4,7 @@ on the frozen Diff-Instruct generator (jdm/training/controlnet.py)."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from .. import data as jdata
@@ -14,6 +15,8 @@ from ..tracking import stage_run
 from ..training.checkpoint import remove_checkpoint
 from ..variants import CONTROLNET_BASELINES, VARIANTS
 from .common import CHECKPOINTS, METRICS, MODELS, PREPARED, TEACHER, checkpoint_spec, control_data, logger, section, setup
+
+log = logging.getLogger(__name__)
 
 
 def run_controlnet_baseline(params: Params, name: str, method: str) -> None:
@@ -61,6 +64,6 @@ def run_controlnet_baseline(params: Params, name: str, method: str) -> None:
         mlflow.log_metrics(metrics)
         write_json({"condition": name, "method": method, **metrics},
                    METRICS / "baselines" / f"{method}-{condition_slug(name)}.json")
-        print(f"{method} {name}: {json.dumps(metrics)}")
+        log.info(f"{method} {name}: {json.dumps(metrics)}")
     remove_checkpoint(checkpoint.directory)
 

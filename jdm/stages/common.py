@@ -3,6 +3,7 @@ MLflow logger and checkpoint settings, and the condition maps the training and e
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -10,6 +11,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ..config import Params
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -46,10 +49,10 @@ def checkpoint_spec(params: Params, directory: Path, settings: dict) -> Checkpoi
 
 
 def logger(mlflow: ModuleType) -> Callable[[int, dict], None]:
-    def log(step: int, values: dict) -> None:
+    def log_step(step: int, values: dict) -> None:
         mlflow.log_metrics(values, step=step)
-        print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()), flush=True)
-    return log
+        log.info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
+    return log_step
 
 
 def recording(log: Callable[[int, dict], None], curve: list) -> Callable[[int, dict], None]:

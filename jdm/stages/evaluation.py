@@ -4,6 +4,7 @@ rows on the held-out maps, scored the same way (jdm/evaluation.py) with interval
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,8 @@ from ..tracking import image_grid, stage_run
 from ..variants import METHODS
 from .common import (ANNOTATORS, METRICS, MODELS, PREPARED, REFERENCE, SAMPLES, SAMPLES_SHOWN, TEACHER,
                      load_condition_maps, section, setup)
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from diffusers import ControlNetModel
@@ -129,7 +132,7 @@ def run_evaluate_teacher(params: Params) -> None:
         order = torch.argsort(classes[:80], stable=True)
         mlflow.log_image(image_grid(samples[:80][order], nrow=8), "teacher_samples.png")
         write_json(metrics, METRICS / "teacher.json")
-        print(f"evaluate-teacher: {json.dumps(metrics)}")
+        log.info(f"evaluate-teacher: {json.dumps(metrics)}")
 
 
 def run_reference(params: Params) -> None:
@@ -158,7 +161,7 @@ def run_reference(params: Params) -> None:
                    "feature_seconds": time.perf_counter() - start - sample_seconds}
         mlflow.log_metrics(metrics)
         mlflow.log_image(image_grid(samples[:64]), "reference_samples.png")
-        print(f"reference: {json.dumps(metrics)}")
+        log.info(f"reference: {json.dumps(metrics)}")
 
 
 def _method_sampler(params: Params, method: str, name: str, backbone, null):
@@ -223,5 +226,5 @@ def run_evaluate(params: Params, methods: list[str], name: str) -> None:
                 SAMPLES.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(grid).save(SAMPLES / f"{method}-{slug}.png")
                 write_json({"method": method, "condition": name, **metrics}, METRICS / "eval" / f"{method}-{slug}.json")
-                print(f"evaluate {method} {name}: {json.dumps(metrics)}", flush=True)
+                log.info(f"evaluate {method} {name}: {json.dumps(metrics)}")
 

@@ -3,6 +3,7 @@ students are trained and scored on."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -13,6 +14,8 @@ from ..io import atomic_dir, save_tensors, write_json
 from ..progress import progress
 from ..tracking import channel_tiles, image_grid, stage_run
 from .common import ANNOTATORS, CONDITIONS, METRICS, MODELS, PREPARED, logger, section, setup
+
+log = logging.getLogger(__name__)
 
 
 def run_data(params: Params) -> None:
@@ -45,7 +48,7 @@ def run_data(params: Params) -> None:
         sizes = {f"num_{n}": len(prepared.split(n)) for n in splits}
         mlflow.log_metrics({**sizes, "num_prompts": len(prompts)})
         mlflow.log_image(image_grid(prepared.split("eval").pixels(slice(0, 64))), "eval_images.png")
-        print(f"data: {sizes}, {len(prompts)} prompts, embeddings {tuple(hidden.shape)}")
+        log.info(f"data: {sizes}, {len(prompts)} prompts, embeddings {tuple(hidden.shape)}")
 
 
 def run_annotator(params: Params, name: str) -> None:
@@ -78,7 +81,7 @@ def run_annotator(params: Params, name: str) -> None:
                 save_classifier(model, out)
         mlflow.log_metrics(metrics)
         write_json(metrics, METRICS / f"annotator-{name}.json")
-        print(f"annotator {name}: {metrics}")
+        log.info(f"annotator {name}: {metrics}")
 
 
 def run_judge(params: Params, name: str) -> None:
@@ -99,7 +102,7 @@ def run_judge(params: Params, name: str) -> None:
             save_depth_net(model, out)
         mlflow.log_metrics(metrics)
         write_json(metrics, METRICS / f"judge-{name}.json")
-        print(f"judge {name}: {metrics}")
+        log.info(f"judge {name}: {metrics}")
 
 
 def run_conditions(params: Params, name: str) -> None:
@@ -130,5 +133,5 @@ def run_conditions(params: Params, name: str) -> None:
         stats = {"num_train_maps": len(maps["train"]), "num_eval_maps": len(maps["eval"]),
                  "mean_value": maps["eval"].float().mean().item() / 255, "seconds": seconds}
         mlflow.log_metrics(stats)
-        print(f"conditions {name}: {stats}")
+        log.info(f"conditions {name}: {stats}")
 

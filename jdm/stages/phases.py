@@ -5,6 +5,7 @@ same machinery (jdm/training/phases.py); each scores its control on held-out map
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,8 @@ from ..training.checkpoint import remove_checkpoint
 from ..variants import VARIANTS, Variant
 from .common import (ANNOTATORS, CHECKPOINTS, METRICS, MODELS, PREPARED, TEACHER, checkpoint_spec, control_data,
                      curve_path, logger, recording, section, setup)
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -171,6 +174,6 @@ def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") ->
             mlflow.log_artifacts(str(out_dir), "controlnet")
         mlflow.log_metrics(metrics)
         write_json({"condition": name, "method": method, **metrics}, metrics_file)
-        print(f"{stage} {name}: {json.dumps(metrics)}")
+        log.info(f"{stage} {name}: {json.dumps(metrics)}")
     remove_checkpoint(ckpt_dir)  # the outputs are saved: the checkpoint has done its job
 

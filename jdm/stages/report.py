@@ -4,6 +4,7 @@ training seeds (jdm/report.py writes both)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from .. import data as jdata
@@ -13,6 +14,8 @@ from ..io import atomic_dir, write_json
 from ..tracking import image_grid, stage_run
 from .common import METRICS, PREPARED, REFERENCE, SAMPLES, SAMPLES_SHOWN, section, setup
 from .evaluation import held_out_prompts
+
+log = logging.getLogger(__name__)
 
 
 def run_report(params: Params, methods: list[str], conditions: list[str], out_dir: Path) -> None:
@@ -39,7 +42,7 @@ def run_report(params: Params, methods: list[str], conditions: list[str], out_di
         with atomic_dir(out_dir) as out:
             write_report(rows, methods, [condition_slug(c) for c in conditions], pictures, SAMPLES, out, params.profile)
         mlflow.log_artifacts(str(out_dir), "report")
-        print(f"report: {out_dir / 'index.html'} ({len(rows)} rows)")
+        log.info(f"report: {out_dir / 'index.html'} ({len(rows)} rows)")
 
 
 def run_seeds_report(params: Params, offsets: list[int], out_dir: Path) -> None:
@@ -67,5 +70,5 @@ def run_seeds_report(params: Params, offsets: list[int], out_dir: Path) -> None:
         write_json(summary, METRICS / "seeds.json")
         mlflow.log_metrics({f"{name}_holds_on": claim["holds_on"] for name, claim in summary["claims"].items()})
         mlflow.log_artifacts(str(out_dir), "report")
-        print((out_dir / "table.md").read_text())
+        log.info((out_dir / "table.md").read_text())
 

@@ -4,6 +4,7 @@ of jdm/variants.py, and their evaluation and report."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from ..variants import TEXT_ROWS, TEXT_TO_IMAGE_VARIANTS, VARIANTS, text_to_imag
 from .common import (ANNOTATORS, CHECKPOINTS, METRICS, MODELS, PREPARED, SAMPLES, SAMPLES_SHOWN, TEACHER,
                      checkpoint_spec, logger, section, setup)
 from .evaluation import spaces_of, teacher_sampler
+
+log = logging.getLogger(__name__)
 
 REWARDS = MODELS / "rewards"
 GUIDE = MODELS / "guide"
@@ -51,7 +54,7 @@ def run_reward(params: Params, which: str) -> None:
             save_reward(model, out, metrics)
         mlflow.log_metrics(metrics)
         write_json({"reward": which, **metrics}, METRICS / "rewards" / f"{which}.json")
-        print(f"reward {which}: {json.dumps(metrics)}")
+        log.info(f"reward {which}: {json.dumps(metrics)}")
 
 
 def _heldout_denoising_loss(unet, noise_scheduler, prepared, backbone, seed: int, embeddings=None,
@@ -134,7 +137,7 @@ def run_guide(params: Params) -> None:
                                                                      params.seed, embeddings)}
         mlflow.log_metrics(metrics)
         write_json(metrics, METRICS / "guide.json")
-        print(f"guide: {json.dumps(metrics)}")
+        log.info(f"guide: {json.dumps(metrics)}")
     remove_checkpoint(checkpoint.directory)
 
 
@@ -203,7 +206,7 @@ def run_text_to_image(params: Params, variant: str) -> None:
         mlflow.log_artifacts(str(TEXT_TO_IMAGE / variant / "generator"), "generator")
         mlflow.log_metrics(metrics)
         write_json({"method": variant, **metrics}, TEXT_TO_IMAGE_METRICS / f"train-{variant}.json")
-        print(f"text-to-image {variant}: {json.dumps(metrics)}")
+        log.info(f"text-to-image {variant}: {json.dumps(metrics)}")
     remove_checkpoint(ckpt_dir)
 
 
@@ -270,12 +273,12 @@ def run_evaluate_text_to_image(params: Params, methods: list[str]) -> None:
                 SAMPLES.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(grid).save(SAMPLES / f"{method}-text.png")
                 write_json({"method": method, "condition": "text", **metrics}, TEXT_TO_IMAGE_METRICS / f"{method}.json")
-                print(f"evaluate {method} text: {json.dumps(metrics)}", flush=True)
+                log.info(f"evaluate {method} text: {json.dumps(metrics)}")
     # the table holds every row scored so far, so evaluating one variant (the Prefect flow) refreshes it
     rows = [json.loads(f.read_text()) for f in (TEXT_TO_IMAGE_METRICS / f"{m}.json" for m in TEXT_ROWS) if f.is_file()]
     with stage_run("report", params.profile, section(params, "evaluation"), tags={"table": "text-to-image"}) as mlflow:
         with atomic_dir(TEXT_TO_IMAGE_REPORT) as out:
             write_text_to_image_report(rows, SAMPLES, out, params.profile)
         mlflow.log_artifacts(str(TEXT_TO_IMAGE_REPORT), "report")
-        print(f"report: {TEXT_TO_IMAGE_REPORT / 'index.html'} ({len(rows)} rows)")
+        log.info(f"report: {TEXT_TO_IMAGE_REPORT / 'index.html'} ({len(rows)} rows)")
 

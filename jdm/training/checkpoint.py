@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -32,6 +33,8 @@ from safetensors.torch import save_file
 
 from ..io import atomic_file
 from .errors import CheckpointWriteFailed, TrainingStopped
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -141,11 +144,10 @@ class Checkpointer:
             try:
                 state = read_state(path)
             except Exception as err:  # safetensors' own error type, a bad header, a failed CRC
-                print(f"checkpoint {path} is unreadable ({err}); trying the one before", flush=True)
+                log.warning(f"checkpoint {path} is unreadable ({err}); trying the one before")
                 continue
             if state.get("fingerprint") != self.fingerprint:
-                print(f"checkpoint {path} is from other settings; starting afresh (it is replaced at the first save)",
-                      flush=True)
+                log.warning(f"checkpoint {path} is from other settings; starting afresh (it is replaced at the first save)")
                 self._stale = True
                 return 0
             for name, obj in self.stateful.items():

@@ -12,6 +12,7 @@ JDM phases).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Callable, Iterable
 
@@ -20,6 +21,8 @@ import torch
 from ..progress import progress
 from .checkpoint import Checkpointer, restore_agreed
 from .errors import TrainingDiverged
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -33,7 +36,7 @@ def run_steps(checkpointer: Checkpointer | None, steps: int, step_fn: Callable[[
     the last good checkpoint named."""
     start = restore_agreed(checkpointer, accelerator) if checkpointer is not None else 0
     if start:
-        print(f"resumed from the checkpoint of step {start} in {checkpointer.directory}", flush=True)
+        log.info(f"resumed from the checkpoint of step {start} in {checkpointer.directory}")
     main = accelerator is None or accelerator.is_main_process
     for step in progress(range(start + 1, steps + 1), "training", total=steps, initial=start, enabled=main):
         try:

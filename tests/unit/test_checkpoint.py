@@ -77,7 +77,7 @@ def test_other_settings_start_afresh_and_replace_the_old_files(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped byte", "not safetensors"])
-def test_a_damaged_checkpoint_is_named_and_the_one_before_is_used(tmp_path, damage, capsys):
+def test_a_damaged_checkpoint_is_named_and_the_one_before_is_used(tmp_path, damage, caplog):
     objs = players()
     train(*objs, steps=6, ckpt=checkpointer(tmp_path, objs))
     newest = tmp_path / "step-00000006.safetensors"
@@ -91,7 +91,7 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_is_used(tmp_path, dama
     newest.write_bytes(bytes(data))
     again = players(seed=9)
     assert checkpointer(tmp_path, again).restore() == 4
-    assert f"checkpoint {newest} is unreadable" in capsys.readouterr().out
+    assert f"checkpoint {newest} is unreadable" in caplog.text
 
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):

@@ -54,3 +54,27 @@ def test_a_control_image_cannot_hold_more_than_four_channels_or_sixteen_bit_colo
         control_tensor(Image.new("L", (8, 8)), "'m.png'", 5)
     with pytest.raises(UserError, match="'m.png' is 16-bit grayscale; the ControlNet takes 3 channels"):
         control_tensor(Image.new("I;16", (8, 8)), "'m.png'", 3)
+
+
+def test_the_log_level_is_checked_before_any_work_and_applied(tmp_path, capsys, monkeypatch):
+    import logging
+
+    from jdm.cli import configure_logging
+
+    monkeypatch.setenv("JDM_LOG_LEVEL", "loud")
+    assert main(["--params", str(tmp_path / "params.yaml"), "profile", "smoke"]) == 2
+    assert "JDM_LOG_LEVEL='LOUD'; allowed: DEBUG, INFO, WARNING, ERROR" in capsys.readouterr().err
+    assert not (tmp_path / "params.yaml").exists()
+    stage = logging.getLogger("jdm.stages.common")
+    try:
+        monkeypatch.setenv("JDM_LOG_LEVEL", "warning")
+        configure_logging()
+        stage.info("step 1: loss=0.5")
+        stage.warning("checkpoint x is unreadable")
+        assert capsys.readouterr().out == "WARNING: checkpoint x is unreadable\n"
+        monkeypatch.setenv("JDM_LOG_LEVEL", "INFO")
+        configure_logging()
+        stage.info("step 1: loss=0.5")
+        assert capsys.readouterr().out == "step 1: loss=0.5\n"  # results and progress as plain lines
+    finally:
+        logging.getLogger("jdm").setLevel(logging.INFO)
