@@ -31,7 +31,13 @@ STAGES = {"warmup": (["warmup"], "metrics/warmup.json", "metrics/curves/warmup.j
 
 
 def _value(text: str):
-    return yaml.safe_load(text)  # 0.3 -> float, true -> bool, null -> None, as params.yaml reads them
+    value = yaml.safe_load(text)  # 0.3 -> float, true -> bool, null -> None, as params.yaml reads them
+    if isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string; a number was meant
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _assign(params: dict, key: str, value) -> None:

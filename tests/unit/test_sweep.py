@@ -17,6 +17,11 @@ def test_label_sorts_keys_and_prints_numbers_short():
         "condition_weight=0.3,real_guidance_scale=3"
 
 
+def test_values_read_as_params_yaml_would_and_exponents_as_numbers():
+    assert [sweep._value(v) for v in ("0.3", "3e-5", "1.0e-4", "true", "null", "canny")] == \
+        [0.3, 3e-5, 1e-4, True, None, "canny"]
+
+
 def test_unknown_key_is_refused():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     with pytest.raises(SystemExit, match="'jdm.condition_wieght' is not a key of params.yaml"):
