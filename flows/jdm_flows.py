@@ -173,7 +173,41 @@ def check_params(ws: Path, profile: str | None) -> str:
 
 @task
 def dvc_repro(ws: Path, targets: list[str]) -> None:
-    _run(["dvc", "repro", *targets], ws)
+    """`dvc repro` of the targets; with a default DVC remote (workers that share state through it, as
+    pods on a GPU pool do) missing outputs and the run cache are pulled first, so a stage another worker
+    ran is restored instead of retrained, and what this one ran is pushed after, with its run cache."""
+    shared = _has_remote(ws)
+    _run(["dvc", "repro", *(["--pull"] if shared else []), *targets], ws)
+    if shared:
+        _run(["dvc", "push", "--run-cache", "--with-deps", *targets], ws)
+        _push_uncached_outputs(ws, targets)
+
+
+def _push_uncached_outputs(ws: Path, targets: list[str]) -> None:
+    """The `cache: false` outputs (metrics and curves, which git keeps) of the targets and their upstream.
+    A run-cache entry names them and DVC's run cache holds them in the local cache, but `dvc push` leaves
+    them behind; without them another workspace cannot restore the stage from the run cache and trains
+    it again (measured on smoke: teacher, classifier and warm-up retrained until they were pushed)."""
+    from dvc.repo import Repo
+
+    with _locked(ws), Repo(str(ws)) as repo:
+        stages = ([s for t in targets for s in repo.stage.collect(t, with_deps=True)] if targets
+                  else list(repo.index.stages))
+        objs = {o.hash_info for s in stages for o in s.outs if not o.use_cache and o.hash_info and o.hash_info.value}
+        try:
+            result = repo.cloud.push(objs)
+        except Exception as err:  # what trained is pushed already; the next worker would retrain, so say so
+            get_run_logger().warning("could not push the uncached outputs (%s): another workspace will retrain "
+                                     "their stages instead of restoring them", err)
+            return
+    get_run_logger().info("pushed %d uncached outputs (metrics, curves) for the run cache", len(result.transferred))
+
+
+def _has_remote(ws: Path) -> bool:
+    from jdm.env import tool_env
+
+    out = subprocess.run(["dvc", "remote", "default"], cwd=ws, capture_output=True, text=True, env=tool_env())
+    return out.returncode == 0 and bool(out.stdout.strip())
 
 
 @task

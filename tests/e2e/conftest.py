@@ -34,7 +34,7 @@ def smoke_build(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
     work = workspace_copy(base / "repo")
     run(["jdm", "profile", "smoke"], work)
-    run(["dvc", "repro"], work)
+    run(["dvc", "repro"], work, timeout=1500)  # 3-6 minutes alone; a busy machine takes longer
     shutil.copytree(work, base / "built", symlinks=True)
     return work, base / "built"
 
@@ -63,3 +63,17 @@ def params_file(work, name, **sections):
             raw[section] = values
     (work / name).write_text(yaml.safe_dump(raw))
     return name
+
+
+def lose_output(work, stage, path):
+    """An output gone from the workspace and from DVC's cache (as on a clone without the remote): `dvc repro`
+    must run its stage again. Deleting the folder alone is not enough: DVC checks it out from the cache."""
+    import shutil
+
+    from dvc.repo import Repo
+
+    with Repo(str(work)) as repo:
+        out = next(o for o in repo.stage.collect(f"{work / 'dvc.yaml'}:{stage}")[0].outs if o.def_path == path)
+        # a folder's manifest (`<md5>.dir`): without it the folder cannot be checked out; its files stay orphans
+        os.remove(repo.cache.local.oid_to_path(out.hash_info.value))
+    shutil.rmtree(work / path)

@@ -257,3 +257,44 @@ def test_unreachable_endpoints_fail_fast_naming_them_and_keep_outputs(s3, smoke_
     run(["dvc", "remote", "remove", "--local", "team"], work, env=s3[2])
 
     assert digest(outputs) == before and digest([work / ".dvc" / "cache"]) == cache
+
+
+@pytest.mark.e2e
+def test_two_workspaces_share_state_through_the_dvc_remote(s3, smoke_workspace, tmp_path, monkeypatch):
+    """Two workers as two pods would be: separate clones, one S3 remote. The first's add-control of the
+    primary condition pushes the warm-up (outputs, run cache, metrics); the second's add-control hed restores
+    data, teacher and warm-up from the remote instead of training them, trains hed and pushes it; the first,
+    without its own hed ControlNet, pulls the second's byte-identical."""
+    import mlflow
+    from prefect.testing.utilities import prefect_test_harness
+
+    from .conftest import lose_output, workspace_copy
+
+    endpoint, client, env = s3
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(key, env[key])  # the flows run in this process; their DVC commands inherit it
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    remote = ["make", "-s", "remote", "S3_URL=s3://jdm-team/dvc", f"S3_ENDPOINT={endpoint}"]
+    first = smoke_workspace
+    run(remote, first, env=env)
+    second = workspace_copy(tmp_path / "second")
+    run(["jdm", "profile", "smoke"], second, env=env)
+    run(remote, second, env=env)
+    sys.path.insert(0, str(REPO / "flows"))
+    from jdm_flows import add_control
+
+    with prefect_test_harness():
+        add_control(condition="canny", workspace=str(first))  # the warm-up is up to date: pushed, not trained
+        add_control(condition="hed", workspace=str(second))
+    tracked = mlflow.MlflowClient(f"sqlite:///{second / 'mlflow.db'}")
+    stages = [r.data.tags["stage"] for r in tracked.search_runs([tracked.get_experiment_by_name("jdm").experiment_id])]
+    assert "warmup" not in stages and "teacher" not in stages and "data" not in stages, stages  # restored
+    assert stages.count("extend") == 1
+    def files(ws, *outputs):  # each file's digest, by its path inside the workspace
+        return {k.removeprefix(str(ws)): v for k, v in digest([ws / o for o in outputs]).items()}
+
+    shared = ("models/teacher", "models/jdm/generator", "models/jdm/fake_score")
+    assert files(first, *shared) == files(second, *shared)
+    lose_output(first, "extend@hed", "models/jdm/controlnet-hed")
+    run(["dvc", "pull", "extend@hed"], first, env=env)
+    assert files(first, "models/jdm/controlnet-hed") == files(second, "models/jdm/controlnet-hed")

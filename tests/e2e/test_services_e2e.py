@@ -3,7 +3,6 @@ applied, an MLflow server, on free loopback ports; then `prefect deployment run 
 as a user types it. Everything started is stopped by PID at the end."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import sys
 import pytest
 
 from ..conftest import REPO
-from .conftest import params_file, run
+from .conftest import lose_output, params_file, run
 
 sys.path.insert(0, str(REPO / "infra"))
 from services import Services, _alive, free_port  # noqa: E402
@@ -45,20 +44,6 @@ def services(smoke_workspace, tmp_path, monkeypatch):
     yield svc, urls, svc.env(prefect_port, mlflow_port)
     svc.stop()
     assert not any(_alive(pid) for pid in pids.values())
-
-
-def lose_output(work, stage, path):
-    """An output gone from the workspace and from DVC's cache (as on a clone without the remote): `dvc repro`
-    must run its stage again. Deleting the folder alone is not enough: DVC checks it out from the cache."""
-    import shutil
-
-    from dvc.repo import Repo
-
-    with Repo(str(work)) as repo:
-        out = next(o for o in repo.stage.collect(f"{work / 'dvc.yaml'}:{stage}")[0].outs if o.def_path == path)
-        # a folder's manifest (`<md5>.dir`): without it the folder cannot be checked out; its files stay orphans
-        os.remove(repo.cache.local.oid_to_path(out.hash_info.value))
-    shutil.rmtree(work / path)
 
 
 def deployment_run(params, env, cwd):
