@@ -5,6 +5,7 @@ metrics/sweeps/warmup.json -x fid_classifier -y consistency`).
 
     python infra/sweep.py warmup --grid jdm.condition_weight=0.1,0.3,1 --fixed jdm.real_guidance_scale=3
     python infra/sweep.py extend-sr --grid jdm.condition_weight=0.1,1   # on the warm-up's generator in models/jdm
+    python infra/sweep.py di --grid jdm.generator_lr=3e-5,1e-4 --fixed warmup.steps=600   # the DI student (paper/dvc.yaml)
 
 Each setting edits params.yaml, runs `jdm <stage>` and puts params.yaml back (also when a run fails);
 the stage's own outputs are left as the last run wrote them, so `dvc status` shows the stage changed
@@ -26,6 +27,7 @@ import yaml
 
 # stage name -> the `jdm` command, its metrics file and its validation curve
 STAGES = {"warmup": (["warmup"], "metrics/warmup.json", "metrics/curves/warmup.json"),
+          "di": (["baseline", "di"], "metrics/baselines/di.json", "metrics/curves/baselines/di.json"),
           **{f"extend-{c}": (["extend", c], f"metrics/extend-{c}.json", f"metrics/curves/extend-{c}.json")
              for c in ("hed", "depth", "sr")}}
 
