@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
 from .errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
@@ -371,12 +370,21 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
         raise ParamsError(_describe(err, source)) from None
 
 
+def read_yaml(path: str | os.PathLike, text: str | None = None):
+    """A params or profile file, read as YAML 1.2, the way DVC reads and writes params.yaml: `dvc exp run
+    -S` writes `mixed_precision: no` unquoted, which YAML 1.1 (PyYAML) would read as False, and `3e-5`,
+    which YAML 1.1 reads as a string."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    try:
+        return YAML(typ="safe", pure=True).load(Path(path).read_text() if text is None else text)
+    except YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+
+
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run from the repository root, or `jdm profile tiny` to write it")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path} is not valid YAML: {err}") from None
-    return parse_params(raw, str(path))
+    return parse_params(read_yaml(path), str(path))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import PROFILES, Params, ParamsError, parse_params
+from .config import PROFILES, Params, ParamsError, parse_params, read_yaml
 
 BASE_PROFILE = "tiny"  # profiles/tiny.yaml is complete; the other profiles are overlays on it
 
@@ -35,18 +35,15 @@ def render_profile(name: str, root: str | os.PathLike = ".") -> str:
     if name == BASE_PROFILE:
         return base.read_text()
     path = profile_path(name, root)
-    try:
-        overlay = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path} is not valid YAML: {err}") from None
-    merged = _merge(yaml.safe_load(base.read_text()), overlay or {})
+    merged = _merge(read_yaml(base), read_yaml(path) or {})
     return (f"# profile {name}: profiles/{BASE_PROFILE}.yaml with the overlay profiles/{name}.yaml, rendered by "
             f"`jdm profile {name}`; the comments are in those two files\n" + yaml.safe_dump(merged, sort_keys=False))
 
 
 def profile_params(name: str, root: str | os.PathLike = ".") -> Params:
     """The validated params of profile `name` (see `render_profile`)."""
-    return parse_params(yaml.safe_load(render_profile(name, root)), f"profile {name} ({profile_path(name, root)})")
+    source = f"profile {name} ({profile_path(name, root)})"
+    return parse_params(read_yaml(source, render_profile(name, root)), source)
 
 
 def seed_params(path: str | os.PathLike, offset: int) -> str:
@@ -54,7 +51,7 @@ def seed_params(path: str | os.PathLike, offset: int) -> str:
     seed (seeds/dvc.yaml), everything else the same. Validated like any params file."""
     if offset <= 0:
         raise ParamsError(f"seed offset must be a positive integer (got {offset}); offset 0 is params.yaml itself")
-    raw = yaml.safe_load(Path(path).read_text())
+    raw = read_yaml(path)
     params = parse_params(raw, str(path))
     raw["seed"] = params.seed + offset
     return (f"# generated from {Path(path).name} by `jdm seed-params {offset}` (seeds/dvc.yaml): seed + {offset}, "

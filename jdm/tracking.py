@@ -32,11 +32,12 @@ FLOW_RUN_ENV = "JDM_PREFECT_FLOW_RUN_ID"  # set by the Prefect flows for the sta
 def repository_root(start: Path | None = None) -> Path:
     """The nearest directory at or above `start` (default: the working directory) that holds `.dvc/`: a
     stage run from a subfolder (seeds/<k>/ of seeds/dvc.yaml) records into the repository's one store,
-    and so does a `dvc exp run --temp` experiment, which DVC runs in a copy at `.dvc/tmp/exps/<tmp>/`."""
+    and so does a `dvc exp run --temp` experiment, which DVC runs in a copy under `.dvc/tmp/exps/`."""
     start = (start or Path.cwd()).resolve()
     root = next((d for d in (start, *start.parents) if (d / ".dvc").is_dir()), start)
-    if root.parent.name == "exps" and root.parent.parent.name == "tmp" and root.parents[2].name == ".dvc":
-        return root.parents[3]
+    for outer in root.parents:  # DVC 3.67 runs one at .dvc/tmp/exps/standalone/tmpXXXX/
+        if outer.name == ".dvc" and root.relative_to(outer).parts[:2] == ("tmp", "exps"):
+            return outer.parent
     return root
 
 

@@ -122,9 +122,10 @@ def test_one_step_sampling_cli(smoke_workspace, tmp_path, capsys):
     assert sample("hed", tmp_path / "big.png", "x") == 2
     err = capsys.readouterr().err
     assert "must have shape [1, 1, 16, 16]" in err and "[1, 1, 20, 20]" in err
-    save_png(np.zeros((16, 16, 3), np.uint8), tmp_path / "rgb.png")
-    assert sample("hed", tmp_path / "rgb.png", "x") == 2
-    assert "[1, 3, 16, 16]" in capsys.readouterr().err
+    # an RGB image for a 1-channel ControlNet is read as gray, as diffusers converts control images
+    save_png(np.repeat(maps["hed"][..., None], 3, axis=2), tmp_path / "rgb.png")
+    assert sample("hed", tmp_path / "rgb.png", "a photo of an ankle boot", out="rgb-out.png") == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "rgb-out.png")), image)
     assert sample("scribble", tmp_path / "hed.png", "x") == 2
     assert "no ControlNet for condition 'scribble'" in capsys.readouterr().err
     assert not (tmp_path / "no.png").exists()

@@ -112,3 +112,14 @@ def test_seed_params_move_the_seed_and_nothing_else(tmp_path):
     assert parse_params(moved).seed == raw("tiny")["seed"] + 2
     with pytest.raises(ParamsError, match=r"seed offset must be a positive integer \(got 0\)"):
         seed_params(REPO / "profiles" / "tiny.yaml", 0)
+
+
+def test_params_are_read_as_dvc_writes_them(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml as YAML 1.2: `no` unquoted and exponents without a dot.
+    They must mean what DVC meant (YAML 1.1 would read False and the string '1e-4')."""
+    text = (REPO / "params.yaml").read_text().replace("mixed_precision: 'no'", "mixed_precision: no")
+    text = text.replace("generator_lr: 3.0e-05", "generator_lr: 1e-4")
+    assert "mixed_precision: no " in text and "generator_lr: 1e-4" in text
+    (tmp_path / "params.yaml").write_text(text)
+    params = load_params(tmp_path / "params.yaml")
+    assert params.acceleration.mixed_precision == "no" and params.jdm.generator_lr == 1e-4

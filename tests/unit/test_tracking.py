@@ -44,3 +44,14 @@ def test_a_run_whose_process_died_is_marked_failed_by_the_next_stage(tmp_path, m
     (data,) = live[0].inputs.dataset_inputs
     assert data.dataset.name == "data/conditions/sr" and data.dataset.source_type == "local"
     assert data.dataset.digest == folder_digest(tmp_path / "data/conditions/sr") and data.tags[0].value == "training"
+
+
+def test_a_temporary_dvc_experiment_records_into_the_repository_it_came_from(tmp_path):
+    from jdm.tracking import repository_root
+
+    (tmp_path / ".dvc").mkdir()
+    copy = tmp_path / ".dvc/tmp/exps/standalone/tmpab12cd"  # where `dvc exp run --temp` runs the stages
+    (copy / ".dvc").mkdir(parents=True)
+    (copy / "seeds/1").mkdir(parents=True)
+    (tmp_path / "seeds").mkdir()
+    assert repository_root(copy) == repository_root(copy / "seeds/1") == repository_root(tmp_path / "seeds") == tmp_path
