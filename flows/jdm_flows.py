@@ -190,7 +190,8 @@ def _push_uncached_outputs(ws: Path, targets: list[str]) -> None:
     it again (measured on smoke: teacher, classifier and warm-up retrained until they were pushed)."""
     from dvc.repo import Repo
 
-    with _locked(ws), Repo(str(ws)) as repo:
+    # DVC resolves a target against the working directory, which a worker's flow process does not share
+    with _locked(ws), contextlib.chdir(ws), Repo(str(ws)) as repo:
         stages = ([s for t in targets for s in repo.stage.collect(t, with_deps=True)] if targets
                   else list(repo.index.stages))
         objs = {o.hash_info for s in stages for o in s.outs if not o.use_cache and o.hash_info and o.hash_info.value}

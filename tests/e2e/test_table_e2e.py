@@ -206,7 +206,7 @@ def test_text_to_image_variants_train_are_scored_and_run_from_a_flow(smoke_works
 
         with get_client(sync_client=True) as client:  # the flow run named for what ran; the table published
             assert client.read_flow_run(state.state_details.flow_run_id).name == "text-to-image-hfl"
-        assert Artifact.get("jdm-text-to-image-table").data == md
+        assert Artifact.get("jdm-text-to-image-table").data == (report / "table.md").read_text()  # as the flow left it
         with pytest.raises(ValueError, match="unknown text-to-image variant 'hfl2'; available: di, coupled-cfg"):
             text_to_image(variant="hfl2", workspace=str(work))
 
