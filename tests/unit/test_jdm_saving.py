@@ -2,6 +2,7 @@
 pipeline, fake score + consistency LoRA, and checkpoints that refuse other settings."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -174,8 +175,11 @@ def test_a_registered_controlnet_loads_as_an_mlflow_model(workspace, tmp_path, m
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with stage_run("extend", "smoke", {"extend": {"steps": 3}}, condition="hed", workspace=tmp_path) as run:
         run.log_metrics({"consistency": 0.2, "fid_classifier": 1.5, "steps": 3})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # as in a flow's process, which starts no stage in-process
     assert register_controlnet("hed", tmp_path) == ("jdm-controlnet-hed", "1")
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the stages this process starts next record where they would have
     assert register_controlnet("hed", tmp_path) == ("jdm-controlnet-hed", "1")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     # `newest` follows every new version; `best` only one no worse on the validation scores
     client = mlflow.MlflowClient()
     for version, (consistency, fid) in ((2, (0.3, 2.0)), (3, (0.1, 1.0))):
