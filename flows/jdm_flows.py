@@ -302,7 +302,7 @@ def _reproduce_name() -> str:
     params = flow_run.parameters
     profile = params.get("profile")
     if not profile:
-        with contextlib.suppress(OSError, yaml.YAMLError, TypeError, KeyError, FileNotFoundError):
+        with contextlib.suppress(OSError, yaml.YAMLError, TypeError, KeyError):  # OSError: no workspace
             profile = yaml.safe_load((_workspace(params.get("workspace")) / "params.yaml").read_text())["profile"]
     return f"reproduce-{profile or 'workspace'}"
 

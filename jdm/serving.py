@@ -37,7 +37,8 @@ class OneStepControlModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from .pipeline import OneStepControlPipeline
 
-        self.pipe = OneStepControlPipeline.from_pretrained(context.artifacts["pipeline"])
+        # the model's own folder; never the hub (a loader outside `jdm` has not set HF_HUB_OFFLINE)
+        self.pipe = OneStepControlPipeline.from_pretrained(context.artifacts["pipeline"], local_files_only=True)
         self.condition = context.model_config["condition"]
 
     def predict(self, context, model_input, params: dict | None = None):

@@ -33,7 +33,7 @@ def test_a_run_whose_process_died_is_marked_failed_by_the_next_stage(tmp_path, m
     (tmp_path / "data/conditions/sr").mkdir(parents=True)
     (tmp_path / "data/conditions/sr/maps.safetensors").write_bytes(b"maps")
     with stage_run("extend", "smoke", {}, condition="sr", workspace=tmp_path):
-        live = [r for r in client.search_runs([experiment], "tags.condition = 'sr'")]
+        live = client.search_runs([experiment], "tags.condition = 'sr'")
         assert [r.info.status for r in live] == ["RUNNING"]  # its own run, alive, is not touched
     lost = client.get_run(lost.info.run_id)
     assert lost.info.status == "FAILED" and "ended without finishing the run" in lost.data.tags["failure"]
