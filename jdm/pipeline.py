@@ -279,8 +279,12 @@ def control_tensor(image, label: str = "", channels: int | None = None) -> torch
                             f"allowed: 8-bit or 16-bit images")
         array = (array / 65535).astype(np.float32)
     elif image.mode in ("L", "RGB", "LA", "RGBA", "P", "PA", "1"):
-        mode = IMAGE_MODES[channels] if channels else image.mode if image.mode in ("L", "RGB") else (
-            "RGB" if len(image.getbands()) >= 3 else "L")
+        if channels:
+            mode = IMAGE_MODES[channels]
+        elif image.mode in ("L", "RGB"):
+            mode = image.mode
+        else:
+            mode = "RGB" if len(image.getbands()) >= 3 else "L"
         image = image.convert(mode) if mode != image.mode else image
         array = np.asarray(image, dtype=np.float32) / 255
     else:
@@ -316,8 +320,8 @@ def write_model_card(pipe: OneStepControlPipeline, folder: Path, trained_on: str
                   for c, row in metrics.items()]
     else:
         lines.append("None recorded when this folder was saved.")
-    first = pipe.conditions[0] if pipe.conditions else None
-    call = f'pipe("a photo of an ankle boot", {{"{first}": control_map}})' if first else 'pipe("a photo of an ankle boot")'
+    last = pipe.conditions[-1] if pipe.conditions else None  # the newest ControlNet: what a registered model is for
+    call = f'pipe("a photo of an ankle boot", {{"{last}": control_map}})' if last else 'pipe("a photo of an ankle boot")'
     lines += ["", "## How to load", "", "```python", "from jdm.pipeline import OneStepControlPipeline", "",
               f'pipe = OneStepControlPipeline.from_pretrained("{folder.name}")  # .to("cuda") on a GPU',
               f"image = {call}.images[0]  # control maps: float tensors [N, C, H, W] in [0, 1]", "```", ""]
