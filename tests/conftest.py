@@ -23,6 +23,22 @@ def _threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _tracking_uri_stays_the_tests_own():
+    """A test that records in-process calls `mlflow.set_tracking_uri`, which also sets MLFLOW_TRACKING_URI
+    for child processes: left there, every later test's stages (and what they start) would record into that
+    test's temporary store (CI: a killed stage's run went to another test's database). Put back after each."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+        mlflow.set_tracking_uri(before)  # None unsets both MLflow's global URI and the variable
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture
 def smoke_params():
     from jdm.profiles import profile_params

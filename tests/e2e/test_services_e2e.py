@@ -3,6 +3,7 @@ applied, an MLflow server, on free loopback ports; then `prefect deployment run 
 as a user types it. Everything started is stopped by PID at the end."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -180,7 +181,9 @@ def test_a_training_stage_runs_under_accelerate_on_two_cpu_processes(smoke_works
            "-m", "jdm.cli", "--params", pf, "teacher"]
     # killed (both processes) once each has a checkpoint; rerun, both resume from the step they share
     ckpt = work / "checkpoints/teacher"
-    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the workspace's store, as `run`'s
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline and not all(
             list((ckpt / f"process-{i}").glob("step-*.safetensors")) for i in (0, 1)):
