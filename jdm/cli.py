@@ -175,6 +175,11 @@ def _image_out_path(out: str) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jdm", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="DEBUG",
+                          help="show debug messages too (default: JDM_LOG_LEVEL, else INFO)")
+    loudness.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="WARNING",
+                          help="show warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("profile", help="make a profile (smoke, tiny, sd15) the active params.yaml")
     p.add_argument("name", help=f"one of: {', '.join(PROFILES)}")
@@ -267,12 +272,12 @@ class _Formatter(logging.Formatter):
         return text if record.levelno == logging.INFO else f"{record.levelname}: {text}"
 
 
-def configure_logging() -> None:
+def configure_logging(level: str | None = None) -> None:
     """The library's messages on stdout, once per process: progress and results as plain lines, warnings
-    and errors with their level; JDM_LOG_LEVEL (default INFO) sets what is shown."""
+    and errors with their level; `level` (the CLI's -v/-q), else JDM_LOG_LEVEL, else INFO sets what is shown."""
     import os
 
-    level = os.environ.get("JDM_LOG_LEVEL", "INFO").upper()
+    level = (level or os.environ.get("JDM_LOG_LEVEL", "INFO")).upper()
     if level not in LOG_LEVELS:
         raise UserError(f"JDM_LOG_LEVEL={level!r}; allowed: {', '.join(LOG_LEVELS)}")
     package = logging.getLogger("jdm")
@@ -286,7 +291,7 @@ def configure_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        configure_logging()
+        configure_logging(args.log_level)
         args.func(args)
     except (UserError, FileNotFoundError, ConnectionError, TrainingStopped) as err:
         print(f"jdm {args.command}: error: {err}", file=sys.stderr)

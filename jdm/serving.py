@@ -86,7 +86,9 @@ def registered_name(condition: str) -> str:
 
 
 NEWEST = "newest"  # the alias of the newest registered version ('latest' is reserved by MLflow)
-BEST = "best"  # moves only to a version at least as good as the one it named, on the stage's validation maps
+# MLflow's name for the version to serve: moves only to a version at least as good as the one it named,
+# on the stage's validation maps
+CHAMPION = "champion"
 QUALITY = ("consistency", "fid_classifier")  # the training run's final validation scores; lower is better
 
 
@@ -96,7 +98,7 @@ def register_controlnet(condition: str, workspace: Path | None = None) -> tuple[
     workspace's generator and that ControlNet as one diffusers pipeline with a model card, logged into
     that run as an MLflow pyfunc model and registered from it, so
     `mlflow.pyfunc.load_model("models:/jdm-controlnet-<condition>@newest")` loads it. Alias `newest`
-    always moves to it; `best` only if it is at least as good as the version `best` named. Registering
+    always moves to it; `champion` only if it is at least as good as the version `champion` named. Registering
     the same run twice returns its existing version."""
     import tempfile
 
@@ -147,9 +149,9 @@ def register_controlnet(condition: str, workspace: Path | None = None) -> tuple[
         finally:
             mlflow.set_tracking_uri(previous)
     client.set_registered_model_alias(name, NEWEST, version.version)
-    best = client.get_registered_model(name).aliases.get(BEST)
-    if best is None or _at_least_as_good(run, client.get_run(client.get_model_version(name, best).run_id)):
-        client.set_registered_model_alias(name, BEST, version.version)
+    champion = client.get_registered_model(name).aliases.get(CHAMPION)
+    if champion is None or _at_least_as_good(run, client.get_run(client.get_model_version(name, champion).run_id)):
+        client.set_registered_model_alias(name, CHAMPION, version.version)
     return name, str(version.version)
 
 

@@ -98,6 +98,11 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+# MLflow 3's UI opens an experiment without this tag as a GenAI one (an empty traces overview); this
+# one is model training: runs, metrics, models
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, profile: str, params: dict, condition: str | None = None, workspace: Path | None = None,
               tags: dict | None = None) -> Iterator[ModuleType]:
@@ -113,6 +118,8 @@ def stage_run(stage: str, profile: str, params: dict, condition: str | None = No
         artifacts = None if uri.startswith(("http://", "https://")) else (workspace / "mlartifacts").as_uri()
         mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
     experiment = mlflow.set_experiment(EXPERIMENT)
+    if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        mlflow.set_experiment_tag(*EXPERIMENT_KIND)
     fail_abandoned_runs(mlflow.MlflowClient(uri), experiment.experiment_id)
     run_tags = {"stage": stage, "profile": profile, "git_commit": git_commit(workspace), **_process_tags(),
                 **(tags or {})}

@@ -1,6 +1,10 @@
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -20,7 +24,6 @@ def workspace_copy(dst):
 
 
 def run(cmd, cwd, timeout=600, env=None):
-    import subprocess
     env = env or {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
@@ -77,3 +80,27 @@ def lose_output(work, stage, path):
         # a folder's manifest (`<md5>.dir`): without it the folder cannot be checked out; its files stay orphans
         os.remove(repo.cache.local.oid_to_path(out.hash_info.value))
     shutil.rmtree(work / path)
+
+
+def wait_http(url, proc, timeout=90):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+            time.sleep(0.3)
+    raise TimeoutError(url)
+
+
+def stop(proc):
+    os.killpg(proc.pid, signal.SIGTERM)  # the group this test started, by PID
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -6,47 +6,21 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
 from ..conftest import REPO
-from .conftest import run
+from .conftest import run, stop, wait_http
 
 sys.path.insert(0, str(REPO / "infra"))
 from services import free_port  # noqa: E402
 
 SECRET = f"jdm-{uuid.uuid4().hex}"  # made here, so no file holds it unless the code under test wrote it
-
-
-def wait_http(url, proc, timeout=90):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return  # it answers
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-            time.sleep(0.3)
-    raise TimeoutError(url)
-
-
-def stop(proc):
-    os.killpg(proc.pid, signal.SIGTERM)  # the group this test started, by PID
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 @pytest.fixture

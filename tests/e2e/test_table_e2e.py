@@ -84,6 +84,67 @@ def test_table_in_dvc_metrics_mlflow_and_report(smoke_workspace, tmp_path):
     check_page(report / "index.html", tmp_path, "main", rows=8, images=4 * 4)
 
 
+def page_text(url, tmp_path, name):
+    """What a person reads on a page of a JavaScript app (the MLflow UI) in headless Chromium: the DOM
+    once the page's requests have settled, tags and styles stripped."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is not installed: `make install` runs infra/install-system.sh (Debian package chromium)"
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / name}",
+                          "--window-size=1600,3000", "--virtual-time-budget=30000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(style|script)\b.*?</\1>", " ", dom, flags=re.S)))
+
+
+@pytest.mark.e2e
+def test_the_mlflow_ui_shows_the_evaluation_runs_with_their_tags_and_metrics(smoke_workspace, tmp_path):
+    """The MLflow UI as a person opens it, on an MLflow server over the workspace's store: the experiment
+    opens as model training, the evaluation runs are found by their stage, and each shows its `method`
+    and `condition` tags and the table's metrics, the values of metrics/eval/."""
+    import os
+    import sys
+    import urllib.parse
+
+    import mlflow
+
+    from ..conftest import REPO
+    from .conftest import stop, wait_http
+
+    sys.path.insert(0, str(REPO / "infra"))
+    from services import free_port
+
+    work, port = smoke_workspace, free_port()
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}"],
+                              stdout=open(tmp_path / "mlflow.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    try:
+        ui = f"http://127.0.0.1:{port}"
+        wait_http(f"{ui}/health", server)
+        client = mlflow.MlflowClient(ui)
+        experiment = client.get_experiment_by_name("jdm").experiment_id
+        search = "tags.stage = 'evaluate'"
+        runs = client.search_runs([experiment], search)
+        assert len(runs) == 2 * len(CONDITIONS)
+        listed = page_text(f"{ui}/#/experiments/{experiment}/runs?searchFilter={urllib.parse.quote(search)}", tmp_path, "list")
+        # the model-training view (a GenAI experiment would open on an empty traces overview); the
+        # evaluate runs are nested under one `evaluation` parent per condition, so those rows are listed
+        assert "Training runs" in listed, listed[:2000]
+        parents = client.search_runs([experiment], "tags.stage = 'evaluation'")
+        assert f"{len(runs) + len(parents)} matching runs" in listed, listed[:3000]
+        for c in CONDITIONS:
+            assert f"evaluation@{c}" in listed
+        for run_ in runs:
+            method, condition = run_.data.tags["method"], run_.data.tags["condition"]
+            shown = page_text(f"{ui}/#/experiments/{experiment}/runs/{run_.info.run_id}", tmp_path, run_.info.run_id)
+            assert f"evaluate-{method}@{condition}" in shown and f"Parent run evaluation@{condition}" in shown
+            assert f"method : {method}" in shown and f"condition : {condition}" in shown, shown[:3000]
+            row = json.loads((work / f"metrics/eval/{method}-{condition}.json").read_text())
+            for metric in ("fid_classifier", "consistency", "prompt_accuracy"):  # as JavaScript prints a float
+                assert f" {metric} {row[metric]!r} " in shown or f" {metric} {row[metric]:g} " in shown, (metric, row[metric])
+    finally:
+        stop(server)
+
+
 @pytest.mark.e2e
 def test_paper_pipeline_for_one_condition(smoke_workspace, tmp_path, monkeypatch, capsys):
     """Through DVC: the DI generator, Eq. 12 and Eq. 11 for hed (the ablations are the same phase code

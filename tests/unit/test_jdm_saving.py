@@ -180,14 +180,14 @@ def test_a_registered_controlnet_loads_as_an_mlflow_model(workspace, tmp_path, m
     assert "MLFLOW_TRACKING_URI" not in os.environ  # the stages this process starts next record where they would have
     assert register_controlnet("hed", tmp_path) == ("jdm-controlnet-hed", "1")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    # `newest` follows every new version; `best` only one no worse on the validation scores
+    # `newest` follows every new version; `champion` only one no worse on the validation scores
     client = mlflow.MlflowClient()
     for version, (consistency, fid) in ((2, (0.3, 2.0)), (3, (0.1, 1.0))):
         with stage_run("extend", "smoke", {}, condition="hed", workspace=tmp_path) as run:
             run.log_metrics({"consistency": consistency, "fid_classifier": fid})
         assert register_controlnet("hed", tmp_path) == ("jdm-controlnet-hed", str(version))
         aliases = client.get_registered_model("jdm-controlnet-hed").aliases
-        assert (aliases["newest"], aliases["best"]) == (version, 1 if version == 2 else 3), aliases
+        assert (aliases["newest"], aliases["champion"]) == (version, 1 if version == 2 else 3), aliases
     model = mlflow.pyfunc.load_model("models:/jdm-controlnet-hed@newest")
     assert model.metadata.signature.inputs.input_names() == ["prompt", "control"]
     assert len(model.predict(model.input_example)["image"]) == 1  # a blank map of the ControlNet's size

@@ -76,5 +76,12 @@ def test_the_log_level_is_checked_before_any_work_and_applied(tmp_path, capsys, 
         configure_logging()
         stage.info("step 1: loss=0.5")
         assert capsys.readouterr().out == "step 1: loss=0.5\n"  # results and progress as plain lines
+        # the CLI's -q / -v win over the variable
+        assert main(["-q", "--params", str(tmp_path / "params.yaml"), "profile", "smoke"]) == 0
+        assert logging.getLogger("jdm").level == logging.WARNING
+        assert main(["--verbose", "--params", str(tmp_path / "params.yaml"), "check"]) == 0
+        assert logging.getLogger("jdm").level == logging.DEBUG
+        assert main(["--params", str(tmp_path / "params.yaml"), "check"]) == 0
+        assert logging.getLogger("jdm").level == logging.INFO
     finally:
         logging.getLogger("jdm").setLevel(logging.INFO)

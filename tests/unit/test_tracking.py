@@ -38,6 +38,8 @@ def test_a_run_whose_process_died_is_marked_failed_by_the_next_stage(tmp_path, m
     lost = client.get_run(lost.info.run_id)
     assert lost.info.status == "FAILED" and "ended without finishing the run" in lost.data.tags["failure"]
     assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"  # not this host's to judge
+    # the UI opens it as model training (runs and models), not as a GenAI experiment of traces
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
     assert live[0].data.tags["prefect_flow_run_id"] == "3f6c-flow-run"
     assert live[0].data.tags["pid"] == str(os.getpid())
     # the data it read, as a dataset input with a fingerprint of its files
