@@ -5,7 +5,8 @@ retrain everything. Where the outputs are on this machine, `dvc commit` records 
 they are not (a fresh clone: the `tiny` outputs live only in the cache of the machine that built
 them), this does what `dvc commit` would do to the deps alone: for every stage of dvc.yaml,
 paper/dvc.yaml and seeds/dvc.yaml, the code deps of dvc.yaml are hashed from the working tree, the
-data deps keep the hash the lock recorded (found by the path they resolve to), and params, outputs
+data deps keep the hash the lock recorded (found by the path they resolve to), a dep new to dvc.yaml
+outside the repository (an input it starts to track, e.g. `data.root`) is hashed now, and params, outputs
 and commands stay as recorded. Use it only after a run on `smoke` showed the outputs byte-identical
 before and after the change (say so in the commit message); a stage whose data deps changed in
 dvc.yaml, or whose command changed, is refused: that is not a move of code.
@@ -48,13 +49,17 @@ def main() -> int:
             recorded = {(wdir / d["path"]).resolve(): d for d in entry.get("deps", [])}
             files = [d for d in stage.deps if not hasattr(d, "params")]
             now = {Path(d.fs_path).resolve() for d in files}
-            missing = [d.def_path for d in files if not _is_code(Path(d.fs_path)) and Path(d.fs_path).resolve() not in recorded]
+            # a dep new to dvc.yaml outside the repository (a source folder, e.g. data.root) is an input this
+            # change starts to track, not an output of another stage: hashed as it is now, as `dvc commit` would
+            new_inputs = [d for d in files if Path(d.fs_path).resolve() not in recorded and not _in_repository(Path(d.fs_path))]
+            missing = [d.def_path for d in files if not _is_code(Path(d.fs_path)) and d not in new_inputs
+                       and Path(d.fs_path).resolve() not in recorded]
             dropped = [str(p) for p in recorded if not _is_code(p) and p not in now]
             if missing or dropped:
                 problems.append(f"{stage.addressing}: data deps changed (new {missing}, dropped {dropped})")
                 continue
             for dep in files:
-                if _is_code(Path(dep.fs_path)):
+                if _is_code(Path(dep.fs_path)) or dep in new_inputs:
                     dep.save()  # hashed from the working tree, as `dvc commit` would
                 else:  # as recorded, also where dvc.yaml now names the same file by another path
                     old = recorded[Path(dep.fs_path).resolve()]
@@ -68,6 +73,11 @@ def main() -> int:
     for p in problems:
         print(f"refused: {p}")
     return 1 if problems else 0
+
+
+def _in_repository(path: Path) -> bool:
+    path = path.resolve()
+    return path == ROOT or ROOT in path.parents
 
 
 def _is_code(path: Path) -> bool:

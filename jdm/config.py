@@ -27,17 +27,31 @@ class Section(BaseModel):
 
 
 class DataParams(Section):
-    source: Literal["fashion-mnist"] = "fashion-mnist"
+    # `fashion-mnist`: Debian's idx files in `root`, prompts from `templates`; `imagefolder`: your captioned
+    # images, a folder in Hugging Face datasets' imagefolder layout (metadata.jsonl of file_name, text and
+    # optionally label; a test/ subfolder is the held-out split) or a datasets name in the local cache
+    source: Literal["fashion-mnist", "imagefolder"] = "fashion-mnist"
     root: str = "/usr/share/datasets/fashion-mnist"
     image_size: PositiveInt = 32  # multiple of 8; 28 px images are padded to 32 first
+    color: Optional[Literal["gray", "rgb"]] = None  # the images' channels; default: the source's own (imagefolder: rgb)
     max_train: PositiveInt = 60000
-    num_eval: PositiveInt = 1000
-    templates: list[str] = Field(min_length=1)
+    num_eval: PositiveInt = 1000  # imagefolder without a test split: this many images held out
+    templates: list[str] = Field(min_length=1)  # fashion-mnist's prompts: "{}" is the class name
+    caption_column: str = "text"  # imagefolder, as diffusers' training examples name them
+    image_column: str = "image"
+    label_column: str = "label"  # a class per image: prompt accuracy and the classifier's FID features
+
+    @property
+    def channels(self) -> int:
+        """Channels of the prepared images: what a pixel-space teacher generates."""
+        return 3 if (self.color or ("rgb" if self.source == "imagefolder" else "gray")) == "rgb" else 1
 
     @model_validator(mode="after")
     def _templates_have_slot(self):
         if self.image_size % 8:
             raise ValueError(f"data.image_size must be a multiple of 8 (got {self.image_size})")
+        if self.source == "fashion-mnist" and self.color == "rgb":
+            raise ValueError("data.color 'rgb' needs data.source 'imagefolder': Fashion-MNIST is gray")
         for t in self.templates:
             if t.count("{}") != 1:
                 raise ValueError(f"data.templates entry {t!r} must contain exactly one '{{}}' for the class name")

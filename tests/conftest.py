@@ -43,3 +43,32 @@ def _tracking_uri_stays_the_tests_own():
 def smoke_params():
     from jdm.profiles import profile_params
     return profile_params("smoke", REPO)
+
+
+def write_image_folder(root, n=12, sizes=((20, 24), (40, 30)), held_out=0):
+    """`n` captioned RGB images of two classes (PNG and JPEG, two sizes), metadata.jsonl beside them, as a
+    user brings them (data.source imagefolder);
+    the last `held_out` in a test/ subfolder (datasets' split layout)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rows = {"train": [], "test": []}
+    for i in range(n):
+        split = "test" if i >= n - held_out else "train"
+        folder = root / split if held_out else root
+        folder.mkdir(parents=True, exist_ok=True)
+        h, w = sizes[i % len(sizes)]
+        pixels = np.full((h, w, 3), 30, np.uint8)  # a gray ground, a red (cat) or blue (dog) square somewhere
+        y, x = i % (h // 2), 3 * i % (w // 2)
+        pixels[y:y + h // 2, x:x + w // 2, i % 2 * 2] = 220
+        name = f"im{i}.{'png' if i % 3 else 'jpg'}"
+        Image.fromarray(pixels).save(folder / name)
+        kind = "cat" if i % 2 == 0 else "dog"
+        rows[split].append({"file_name": name, "text": f"a {kind}, number {i % 4}", "label": kind})
+    for split, lines in rows.items():
+        if lines:
+            (root / split if held_out else root).joinpath("metadata.jsonl").write_text(
+                "\n".join(json.dumps(r) for r in lines) + "\n")
+    return root

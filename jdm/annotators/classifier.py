@@ -41,12 +41,12 @@ class Classifier(nn.Module):
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, eval_images: torch.Tensor, eval_labels: torch.Tensor,
-                     *, steps: int, batch_size: int, lr: float, seed: int,
+                     *, num_classes: int = 10, steps: int, batch_size: int, lr: float, seed: int,
                      log: Callable[[int, dict], None] | None = None) -> tuple[Classifier, dict]:
-    """Train on uint8 images [N,1,H,W]; return the model and its held-out accuracy."""
+    """Train on uint8 images [N,1|3,H,W]; return the model and its held-out accuracy."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = Classifier()
+    model = Classifier(num_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     model.train()

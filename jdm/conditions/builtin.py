@@ -120,12 +120,13 @@ class SuperResolution(Condition):
     name = "sr"
     tau = 0.05
 
-    def __init__(self, factor: int = 8):
+    def __init__(self, factor: int = 8, channels: int = 1):
         self.factor = factor
+        self.channels = channels  # the low-resolution image itself: as many channels as the images
 
     @classmethod
     def create(cls, params: Params | None, models_dir: Path) -> "SuperResolution":
-        return cls(params.conditions.sr_factor) if params is not None else cls()
+        return cls(params.conditions.sr_factor, params.data.channels) if params is not None else cls()
 
     def surrogate(self, images: torch.Tensor) -> torch.Tensor:
         h, w = images.shape[-2:]

@@ -16,7 +16,7 @@ def build_backbone(params: Params) -> Backbone:
     if params.teacher.pretrained:
         from diffusers import AutoencoderKL
         return Backbone(3, AutoencoderKL.from_pretrained(params.teacher.pretrained, subfolder="vae"))
-    return Backbone(1)
+    return Backbone(params.data.channels)
 
 
 def save_teacher(unet: UNet2DConditionModel, noise_scheduler: DDPMScheduler, out_dir: Path) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from .. import data as jdata
 from ..config import Params
+from ..errors import UserError
 from ..io import atomic_dir, save_tensors, write_json
 from ..progress import progress
 from ..tracking import channel_tiles, image_grid, stage_run
@@ -19,36 +20,26 @@ log = logging.getLogger(__name__)
 
 
 def run_data(params: Params) -> None:
-    """Fashion-MNIST at the profile's size, prompts, prompt embeddings, a fixed held-out split."""
+    """The source's images at the profile's size, prompts, prompt embeddings, a fixed held-out split."""
     from ..text import TextEncoder
 
     setup(params)
     p = params.data
     with stage_run("data", params.profile, section(params, "data", "text_encoder")) as mlflow:
         g = torch.Generator().manual_seed(params.seed)
-        prompts, classes = jdata.build_prompts(p.templates)
-        splits = {}
-        images, labels = jdata.read_fashion_mnist(p.root, "train")
-        keep = torch.randperm(len(labels), generator=g)[:p.max_train]
-        splits["train"] = (images[keep], labels[keep])
-        images, labels = jdata.read_fashion_mnist(p.root, "test")
-        order = torch.randperm(len(labels), generator=g)
-        splits["test"] = (images[order], labels[order])  # shuffled once: a prefix is a fair FID reference
-        splits["eval"] = (images[order[:p.num_eval]], labels[order[:p.num_eval]])
-        hidden, mask = TextEncoder.from_params(params.text_encoder).encode(prompts)
+        source = (jdata.fashion_mnist if p.source == "fashion-mnist" else jdata.image_folder)(p, g)
+        hidden, mask = TextEncoder.from_params(params.text_encoder).encode(source.prompts)
         with atomic_dir(PREPARED) as out:
-            for name, (x, y) in splits.items():
-                pid = jdata.assign_prompts(y, len(p.templates), g)
-                save_tensors({"images": jdata.resize_images(x, p.image_size), "labels": y, "prompt_ids": pid},
-                             out / f"{name}.safetensors")
+            for name, (images, labels, prompt_ids) in source.splits.items():
+                save_tensors({"images": images, "labels": labels, "prompt_ids": prompt_ids}, out / f"{name}.safetensors")
             save_tensors({"hidden_states": hidden, "attention_mask": mask}, out / "embeddings.safetensors")
-            write_json({"prompts": prompts, "prompt_classes": classes, "class_names": list(jdata.CLASS_NAMES)},
-                       out / "prompts.json")
+            write_json({"prompts": source.prompts, "prompt_classes": source.prompt_classes,
+                        "class_names": source.class_names}, out / "prompts.json")
         prepared = jdata.PreparedData.load(PREPARED)
-        sizes = {f"num_{n}": len(prepared.split(n)) for n in splits}
-        mlflow.log_metrics({**sizes, "num_prompts": len(prompts)})
+        sizes = {f"num_{n}": len(prepared.split(n)) for n in source.splits}
+        mlflow.log_metrics({**sizes, "num_prompts": len(source.prompts)})
         mlflow.log_image(image_grid(prepared.split("eval").pixels(slice(0, 64))), "eval_images.png")
-        log.info(f"data: {sizes}, {len(prompts)} prompts, embeddings {tuple(hidden.shape)}")
+        log.info(f"data: {sizes}, {len(source.prompts)} prompts, embeddings {tuple(hidden.shape)}")
 
 
 def run_annotator(params: Params, name: str) -> None:
@@ -74,10 +65,14 @@ def run_annotator(params: Params, name: str) -> None:
             else:
                 from ..annotators.classifier import save_classifier, train_classifier
                 prepared = jdata.PreparedData.load(PREPARED)
+                if not prepared.class_names:
+                    raise UserError(f"the classifier needs a class per image, and {params.data.root} has none (no "
+                                    f"{params.data.label_column!r} in its metadata.jsonl): prompt accuracy and the "
+                                    "classifier's FID features come from it; add a label to each image")
                 train, held_out = prepared.split("train"), prepared.split("eval")
                 model, metrics = train_classifier(train.images, train.labels, held_out.images, held_out.labels,
-                                                  steps=p.steps, batch_size=p.batch_size, lr=p.lr, seed=params.seed,
-                                                  log=logger(mlflow))
+                                                  num_classes=len(prepared.class_names), steps=p.steps,
+                                                  batch_size=p.batch_size, lr=p.lr, seed=params.seed, log=logger(mlflow))
                 save_classifier(model, out)
         mlflow.log_metrics(metrics)
         write_json(metrics, METRICS / f"annotator-{name}.json")
@@ -88,7 +83,6 @@ def run_judge(params: Params, name: str) -> None:
     """depth: train the second depth stand-in that scores consistency beside the conditions' own
     (judges.py). The hed judge has no weights and so no stage."""
     from ..annotators.depth import save_depth_net, train_depth_net
-    from ..errors import UserError
     from ..judges import judge_path
 
     if name != "depth":

@@ -317,3 +317,36 @@ def test_plugin_conditions_of_any_channel_count_train_and_sample(smoke_workspace
     assert Image.open(tmp_path / "pair.png").size == (16, 16)
     five = run_fail([*sample, "--condition", "user_conditions:BlurFive", "--out", str(tmp_path / "five.png")], work)
     assert "takes 5 channels, more than an image holds (1-4)" in five.stderr, five.stderr[-2000:]
+
+
+@pytest.mark.e2e
+def test_own_captioned_images_train_a_controlnet(smoke_workspace, tmp_path):
+    """data.source imagefolder, as a user brings their images: a folder of captioned RGB PNGs and JPEGs of
+    mixed sizes through data, conditions@hed and extend@hed by `dvc repro`; a bad folder is refused by
+    name and what was prepared before stays."""
+    from jdm.io import load_tensors
+
+    from ..conftest import write_image_folder
+    from .conftest import digest
+
+    work = smoke_workspace
+    photos = write_image_folder(tmp_path / "photos", n=160, held_out=64)  # smoke holds out 64 maps
+    params_file(work, "params.yaml", data={"source": "imagefolder", "root": str(photos)})
+    out = run(["dvc", "repro", "extend@hed"], work, timeout=900).stdout
+    for stage in ("data", "annotator@classifier", "conditions@hed", "teacher", "warmup", "extend@hed"):
+        assert f"Running stage '{stage}'" in out, stage
+    train = load_tensors(work / "data/prepared/train.safetensors")
+    assert train["images"].shape == (96, 3, 16, 16)  # RGB at the profile's size
+    prepared = json.loads((work / "data/prepared/prompts.json").read_text())
+    assert prepared["class_names"] == ["cat", "dog"] and "a cat, number 0" in prepared["prompts"]
+    assert load_tensors(work / "data/conditions/hed/maps.safetensors")["eval"].shape[1:] == (1, 16, 16)
+    assert json.loads((work / "models/teacher/unet/config.json").read_text())["in_channels"] == 3
+    hed = json.loads((work / "metrics/extend-hed.json").read_text())
+    assert 0 <= hed["consistency"] and 0 <= hed["prompt_accuracy"] <= 1, hed
+    # DVC tracks the folder: a new image makes the data stage stale; without its caption it is refused
+    (photos / "train/stray.png").write_bytes((photos / "train/im1.png").read_bytes())
+    assert "data" in run(["dvc", "status", "data"], work).stdout.split(":")[0]
+    before = digest([work / "data/prepared"])
+    failed = subprocess.run(["jdm", "data"], cwd=work, capture_output=True, text=True)
+    assert failed.returncode == 2 and "stray.png: no caption (not in metadata.jsonl" in failed.stderr, failed.stderr
+    assert digest([work / "data/prepared"]) == before

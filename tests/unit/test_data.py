@@ -3,6 +3,8 @@ import torch
 
 from jdm import data
 
+from ..conftest import write_image_folder
+
 
 def test_fashion_mnist_reads_and_pads():
     images, labels = data.read_fashion_mnist("/usr/share/datasets/fashion-mnist", "test")
@@ -39,3 +41,66 @@ def test_long_prompt_is_truncated_with_a_warning():
         hidden, mask = enc.encode(["a photo of a sneaker with very many words in its prompt", "a bag ✨ 日本"])
     assert hidden.shape == (2, 8, 384) and mask[0].sum() == 8
     assert torch.isfinite(hidden).all()
+
+
+def folder_params(root, **kw):
+    from jdm.config import DataParams
+    return DataParams(**{"source": "imagefolder", "root": str(root), "image_size": 16, "num_eval": 4,
+                         "templates": ["a {}"], **kw})
+
+
+def test_an_image_folder_is_resized_cropped_captioned_and_split(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    source = data.image_folder(folder_params(write_image_folder(tmp_path / "f")), g)
+    train, test, held = (source.splits[k] for k in ("train", "test", "eval"))
+    assert train[0].shape == (8, 3, 16, 16) and test[0].shape == held[0].shape == (4, 3, 16, 16)
+    assert train[0].dtype == torch.uint8 and torch.equal(test[0], held[0])
+    assert source.class_names == ["cat", "dog"] and source.prompts[0] == ""
+    for images, labels, prompt_ids in (train, test):
+        for x, label, pid in zip(images, labels.tolist(), prompt_ids.tolist()):
+            kind = source.class_names[label]
+            assert source.prompts[pid].startswith(f"a {kind}") and source.prompt_classes[pid] == label
+            assert x[0 if kind == "cat" else 2].max() > 150 > x[2 if kind == "cat" else 0].max()  # the colour survived
+    assert len(set(source.prompts)) == len(source.prompts) == 5  # "" and four distinct captions
+    # the same seed splits the same way; gray folders give one channel
+    again = data.image_folder(folder_params(tmp_path / "f"), torch.Generator().manual_seed(0))
+    assert torch.equal(again.splits["train"][0], train[0])
+    assert data.image_folder(folder_params(tmp_path / "f", color="gray"), g).splits["eval"][0].shape[1] == 1
+    # a test/ subfolder is the held-out split
+    split = data.image_folder(folder_params(write_image_folder(tmp_path / "s", n=14, held_out=4)), g)
+    assert len(split.splits["train"][1]) == 10 and len(split.splits["test"][1]) == 4
+
+
+def test_bad_image_folders_are_refused_naming_the_file(tmp_path):
+    from jdm.errors import UserError
+
+    g = torch.Generator()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images"):
+        data.image_folder(folder_params(tmp_path / "empty"), g)
+    root = write_image_folder(tmp_path / "f")
+    (root / "metadata.jsonl").rename(root / "captions.jsonl")
+    with pytest.raises(UserError, match="no metadata.jsonl"):
+        data.image_folder(folder_params(root), g)
+    (root / "captions.jsonl").rename(root / "metadata.jsonl")
+    (root / "stray.png").write_bytes((root / "im1.png").read_bytes())
+    with pytest.raises(UserError, match=r"stray.png: no caption \(not in metadata.jsonl"):
+        data.image_folder(folder_params(root), g)
+    (root / "stray.png").unlink()
+    lines = (root / "metadata.jsonl").read_text().splitlines()
+    (root / "metadata.jsonl").write_text("\n".join([lines[0].replace('"a cat, number 0"', '""')] + lines[1:]))
+    with pytest.raises(UserError, match=r"im0.jpg: no caption \('text' is ''"):
+        data.image_folder(folder_params(root, num_eval=11), g)  # every image read: the bad one among them
+    (root / "metadata.jsonl").write_text("\n".join(lines))
+    (root / "im2.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="im2.png is not a readable image"):
+        data.image_folder(folder_params(root, num_eval=11), g)
+    with pytest.raises(UserError, match=r"12 images, but data.num_eval \(12\) are held out"):
+        data.image_folder(folder_params(root, num_eval=12), g)
+    with pytest.raises(UserError, match="no column 'caption'"):
+        data.image_folder(folder_params(root, caption_column="caption"), g)
+    with pytest.raises(UserError, match="neither|could not be read"):
+        data.image_folder(folder_params(tmp_path / "no-such-folder"), g)
+    with pytest.raises(ValueError, match="data.color 'rgb' needs data.source 'imagefolder'"):
+        from jdm.config import DataParams
+        DataParams(color="rgb", templates=["a {}"])
