@@ -231,9 +231,11 @@ def add_control(condition: str, profile: str | None = None, steps: int | None = 
     """Train and register a ControlNet for `condition` (a built-in name or 'package.module:Class') on the
     shared generator, building the upstream stages (data, teacher, warm-up, ...) only if they are missing.
 
-    `steps` overrides `extend.steps` for this run: it runs the stage CLI with a derived params file, so
-    that ControlNet is outside DVC's record until the next `dvc repro`. `profile` switches the
-    workspace's params.yaml first (`jdm profile`)."""
+    `steps` overrides `extend.steps` for this run: a DVC experiment (`dvc exp run -S extend.steps=N`, listed by
+    `dvc exp show` with its params and metrics) trains it in the workspace, whose params.yaml is then put
+    back, so `dvc status` shows that ControlNet as off the team's params until `dvc exp apply` or the next
+    `dvc repro`. (A plugin has no stage: its override is a derived params file for the stage CLI.)
+    `profile` switches the workspace's params.yaml first (`jdm profile`)."""
     is_plugin = check_condition(condition)
     ws = _workspace(workspace)
     with _recorded(ws):
@@ -242,6 +244,9 @@ def add_control(condition: str, profile: str | None = None, steps: int | None = 
             dvc_repro(ws, ["warmup"])
         elif not is_plugin and steps is None:
             dvc_repro(ws, [f"extend@{condition}"])
+        elif not is_plugin:
+            dvc_repro(ws, ["warmup", f"conditions@{condition}"])  # the shared upstream, pulled and pushed as usual
+            dvc_experiment(ws, f"extend@{condition}", {"extend.steps": steps})
         else:
             # a plugin has no stage in dvc.yaml (nothing in the repository changes to add one): its
             # upstream comes through DVC, its own maps and ControlNet through the same stage CLIs
@@ -255,6 +260,18 @@ def add_control(condition: str, profile: str | None = None, steps: int | None = 
         registered = register(ws, condition)
         _publish_runs(ws)
     return registered
+
+
+@task
+def dvc_experiment(ws: Path, target: str, settings: dict) -> None:
+    """`dvc exp run -S key=value ... target` in the workspace: DVC records the experiment (params, metrics,
+    outputs' hashes) against the workspace's commit. The experiment rewrites params.yaml; it is put back."""
+    params = ws / "params.yaml"
+    before = params.read_bytes()
+    try:
+        _run(["dvc", "exp", "run", *(a for k, v in settings.items() for a in ("-S", f"{k}={v}")), target], ws)
+    finally:
+        params.write_bytes(before)
 
 
 def _override_params(ws: Path, condition: str, steps: int) -> Path:

@@ -1,13 +1,15 @@
 """`dvc exp run -S`: DVC's way to try a setting. A `--temp` experiment runs in a copy under
 `.dvc/tmp/exps/`; its MLflow run must still land in the workspace's store, and the workspace's
-params.yaml stays as it was."""
+params.yaml stays as it was. The add-control flow's `steps` goes through the same record."""
 
 import json
 import subprocess
+import sys
 
 import pytest
 import yaml
 
+from ..conftest import REPO
 from .conftest import run
 
 
@@ -32,3 +34,21 @@ def test_a_temporary_dvc_experiment_records_into_the_workspace_store(smoke_works
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert not list((work / ".dvc/tmp/exps").rglob("mlflow.db"))  # nothing recorded into the temporary copy
     assert yaml.safe_load(params_before)["extend"]["steps"] != 3
+
+    # the flow's `steps` override: a DVC experiment in the workspace, registered from its run
+    from prefect.testing.utilities import prefect_test_harness
+
+    sys.path.insert(0, str(REPO / "flows"))
+    from jdm_flows import add_control
+
+    with prefect_test_harness():
+        registered = add_control(condition="sr", steps=2, workspace=str(work))
+    assert (work / "params.yaml").read_text() == params_before
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=work, capture_output=True, text=True,
+                                      check=True).stdout)
+    assert '"extend.steps": 2' in json.dumps(shown) or '"steps": 2' in json.dumps(shown), json.dumps(shown)[:3000]
+    name, version = registered.split("/")
+    model_run = client.get_run(client.get_model_version(name, version).run_id)
+    assert model_run.data.params["extend.steps"] == "2" and model_run.data.tags["stage"] == "extend"
+    assert json.loads((work / "metrics/extend-sr.json").read_text())["steps"] == 2
+    assert "extend@sr" in run(["dvc", "status", "extend@sr"], work).stdout  # off the team's params.yaml now
