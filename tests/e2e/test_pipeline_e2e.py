@@ -327,7 +327,6 @@ def test_own_captioned_images_train_a_controlnet(smoke_workspace, tmp_path):
     from jdm.io import load_tensors
 
     from ..conftest import write_image_folder
-    from .conftest import digest
 
     work = smoke_workspace
     photos = write_image_folder(tmp_path / "photos", n=160, held_out=64)  # smoke holds out 64 maps
@@ -346,7 +345,7 @@ def test_own_captioned_images_train_a_controlnet(smoke_workspace, tmp_path):
     # DVC tracks the folder: a new image makes the data stage stale; without its caption it is refused
     (photos / "train/stray.png").write_bytes((photos / "train/im1.png").read_bytes())
     assert "data" in run(["dvc", "status", "data"], work).stdout.split(":")[0]
-    before = digest([work / "data/prepared"])
+    before = digest(work / "data/prepared")
     failed = subprocess.run(["jdm", "data"], cwd=work, capture_output=True, text=True)
     assert failed.returncode == 2 and "stray.png: no caption (not in metadata.jsonl" in failed.stderr, failed.stderr
-    assert digest([work / "data/prepared"]) == before
+    assert digest(work / "data/prepared") == before
