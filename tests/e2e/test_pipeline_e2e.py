@@ -332,7 +332,7 @@ def test_own_captioned_images_train_a_controlnet(smoke_workspace, tmp_path):
     photos = write_image_folder(tmp_path / "photos", n=160, held_out=64)  # smoke holds out 64 maps
     params_file(work, "params.yaml", data={"source": "imagefolder", "root": str(photos)})
     out = run(["dvc", "repro", "extend@hed"], work, timeout=900).stdout
-    for stage in ("data", "annotator@classifier", "conditions@hed", "teacher", "warmup", "extend@hed"):
+    for stage in ("data", "classifier", "conditions@hed", "teacher", "warmup", "extend@hed"):
         assert f"Running stage '{stage}'" in out, stage
     train = load_tensors(work / "data/prepared/train.safetensors")
     assert train["images"].shape == (96, 3, 16, 16)  # RGB at the profile's size
