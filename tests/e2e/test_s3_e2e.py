@@ -238,7 +238,8 @@ def test_two_workspaces_share_state_through_the_dvc_remote(s3, smoke_workspace, 
     """Two workers as two pods would be: separate clones, one S3 remote. The first's add-control of the
     primary condition pushes the warm-up (outputs, run cache, metrics); the second's add-control hed restores
     data, teacher and warm-up from the remote instead of training them, trains hed and pushes it; the first,
-    without its own hed ControlNet, pulls the second's byte-identical."""
+    without its own hed ControlNet, pulls the second's byte-identical. Then both push to one empty remote at
+    once, and a third pulls everything from it."""
     import mlflow
     from prefect.testing.utilities import prefect_test_harness
 
@@ -272,3 +273,22 @@ def test_two_workspaces_share_state_through_the_dvc_remote(s3, smoke_workspace, 
     lose_output(first, "extend@hed", "models/jdm/controlnet-hed")
     run(["dvc", "pull", "extend@hed"], first, env=env)
     assert files(first, "models/jdm/controlnet-hed") == files(second, "models/jdm/controlnet-hed")
+
+    # two workers pushing at once lose nothing: both push to an empty remote at the same time, objects they
+    # share (data, teacher, warm-up, hed) and objects one alone has (the first's other stages); a third
+    # workspace pulls the whole pipeline from it, byte-identical to the first's
+    for ws in (first, second):
+        run(["dvc", "remote", "add", "--local", "--force", "mirror", "s3://jdm-team/mirror"], ws, env=env)
+        run(["dvc", "remote", "modify", "--local", "mirror", "endpointurl", endpoint], ws, env=env)
+    pushes = [subprocess.Popen(["dvc", "push", "--run-cache", "-r", "mirror", *targets], cwd=ws, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+              for ws, targets in ((first, []), (second, ["--with-deps", "extend@hed"]))]
+    outputs = [p.communicate(timeout=600)[0] for p in pushes]
+    assert [p.returncode for p in pushes] == [0, 0], outputs
+    third = workspace_copy(tmp_path / "third")
+    run(["jdm", "profile", "smoke"], third, env=env)
+    shutil.copy(first / "dvc.lock", third / "dvc.lock")  # a clone of the first's commit of its lock
+    run(["dvc", "remote", "add", "--local", "--default", "mirror", "s3://jdm-team/mirror"], third, env=env)
+    run(["dvc", "remote", "modify", "--local", "mirror", "endpointurl", endpoint], third, env=env)
+    run(["dvc", "pull"], third, env=env)
+    assert files(third, "data", "models") == files(first, "data", "models")
