@@ -10,7 +10,6 @@ and this package's code, so loading it needs no checkout.
 from __future__ import annotations
 
 import io
-import os
 from importlib import metadata
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import mlflow
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from .tracking import EXPERIMENT, check_reachable, repository_root, tracking_uri
+from .tracking import EXPERIMENT, check_reachable, recording_to, repository_root, tracking_uri
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "prompt"), ColSpec("binary", "control")]),
@@ -135,19 +134,13 @@ def register_controlnet(condition: str, workspace: Path | None = None) -> tuple[
         scores = {condition: {k: run.data.metrics[k] for k in ("consistency", "fid_classifier", "prompt_accuracy")
                               if k in run.data.metrics}}
         pipe = OneStepControlPipeline.from_workspace(workspace / "models/jdm", [condition])
-        # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI to this process's environment: put both
-        # back, or every stage this process starts later (a flow run on another workspace) records here
-        previous = os.environ.get("MLFLOW_TRACKING_URI")
-        try:
+        with recording_to(uri):
             with tempfile.TemporaryDirectory() as tmp:
                 pipe.save_pretrained(Path(tmp) / "pipeline", trained_on=trained_on, metrics=scores)
-                mlflow.set_tracking_uri(uri)
                 with mlflow.start_run(run_id=run.info.run_id):
                     info = log_pipeline_model(pipe, Path(tmp) / "pipeline", condition)
             version = mlflow.register_model(info.model_uri, name, tags={"stage": tags["stage"],
                                                                          "profile": tags.get("profile", "")})
-        finally:
-            mlflow.set_tracking_uri(previous)
     client.set_registered_model_alias(name, NEWEST, version.version)
     champion = client.get_registered_model(name).aliases.get(CHAMPION)
     if champion is None or _at_least_as_good(run, client.get_run(client.get_model_version(name, champion).run_id)):

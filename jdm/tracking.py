@@ -98,6 +98,21 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+@contextlib.contextmanager
+def recording_to(uri: str) -> Iterator[None]:
+    """`mlflow.set_tracking_uri(uri)` for the block. MLflow also exports it as MLFLOW_TRACKING_URI to this
+    process's environment, for child processes: both are put back after, or every process this one starts
+    later (a flow's next stage on another workspace, a test's subprocess) would record here."""
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None unsets both
+
+
 # MLflow 3's UI opens an experiment without this tag as a GenAI one (an empty traces overview); this
 # one is model training: runs, metrics, models
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -113,29 +128,29 @@ def stage_run(stage: str, profile: str, params: dict, condition: str | None = No
     workspace = repository_root(workspace)
     uri = tracking_uri(workspace)
     check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        artifacts = None if uri.startswith(("http://", "https://")) else (workspace / "mlartifacts").as_uri()
-        mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
-    experiment = mlflow.set_experiment(EXPERIMENT)
-    if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
-        mlflow.set_experiment_tag(*EXPERIMENT_KIND)
-    fail_abandoned_runs(mlflow.MlflowClient(uri), experiment.experiment_id)
-    run_tags = {"stage": stage, "profile": profile, "git_commit": git_commit(workspace), **_process_tags(),
-                **(tags or {})}
-    if condition:
-        run_tags["condition"] = condition
-    name = "-".join(x for x in (stage, (tags or {}).get("method") if stage == "evaluate" else None) if x)
-    # system metrics (CPU, memory, and GPU where pynvml sees one) every 10 s, beside the stage's own
-    # inside another stage_run (an evaluation's parent run) the run is nested under it
-    with mlflow.start_run(run_name=f"{name}@{condition}" if condition else name, tags=run_tags,
-                          nested=mlflow.active_run() is not None, log_system_metrics=True):
-        mlflow.log_params(flatten(params))
-        _check_artifact_store(mlflow, params)
-        _log_datasets(mlflow, workspace, stage, condition)
-        yield mlflow
-        # the stage process's peak memory so far (ru_maxrss is KiB on Linux): what a worker must have
-        mlflow.log_metric("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    with recording_to(uri):
+        if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+            artifacts = None if uri.startswith(("http://", "https://")) else (workspace / "mlartifacts").as_uri()
+            mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+        experiment = mlflow.set_experiment(EXPERIMENT)
+        if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+            mlflow.set_experiment_tag(*EXPERIMENT_KIND)
+        fail_abandoned_runs(mlflow.MlflowClient(uri), experiment.experiment_id)
+        run_tags = {"stage": stage, "profile": profile, "git_commit": git_commit(workspace), **_process_tags(),
+                    **(tags or {})}
+        if condition:
+            run_tags["condition"] = condition
+        name = "-".join(x for x in (stage, (tags or {}).get("method") if stage == "evaluate" else None) if x)
+        # system metrics (CPU, memory, and GPU where pynvml sees one) every 10 s, beside the stage's own
+        # inside another stage_run (an evaluation's parent run) the run is nested under it
+        with mlflow.start_run(run_name=f"{name}@{condition}" if condition else name, tags=run_tags,
+                              nested=mlflow.active_run() is not None, log_system_metrics=True):
+            mlflow.log_params(flatten(params))
+            _check_artifact_store(mlflow, params)
+            _log_datasets(mlflow, workspace, stage, condition)
+            yield mlflow
+            # the stage process's peak memory so far (ru_maxrss is KiB on Linux): what a worker must have
+            mlflow.log_metric("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def channel_tiles(x: torch.Tensor) -> torch.Tensor:

@@ -175,7 +175,7 @@ def test_a_registered_controlnet_loads_as_an_mlflow_model(workspace, tmp_path, m
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with stage_run("extend", "smoke", {"extend": {"steps": 3}}, condition="hed", workspace=tmp_path) as run:
         run.log_metrics({"consistency": 0.2, "fid_classifier": 1.5, "steps": 3})
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # as in a flow's process, which starts no stage in-process
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # a stage run leaves the process's environment as it found it
     assert register_controlnet("hed", tmp_path) == ("jdm-controlnet-hed", "1")
     assert "MLFLOW_TRACKING_URI" not in os.environ  # the stages this process starts next record where they would have
     assert register_controlnet("hed", tmp_path) == ("jdm-controlnet-hed", "1")
