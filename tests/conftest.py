@@ -46,9 +46,8 @@ def smoke_params():
 
 
 def write_image_folder(root, n=12, sizes=((20, 24), (40, 30)), held_out=0):
-    """`n` captioned RGB images of two classes (PNG and JPEG, two sizes), metadata.jsonl beside them, as a
-    user brings them (data.source imagefolder);
-    the last `held_out` in a test/ subfolder (datasets' split layout)."""
+    """A user's folder for data.source imagefolder: `n` captioned RGB images of two classes (PNG and JPEG,
+    two sizes), metadata.jsonl beside them; the last `held_out` in a test/ subfolder (datasets' split layout)."""
     import json
 
     import numpy as np

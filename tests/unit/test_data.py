@@ -99,7 +99,7 @@ def test_bad_image_folders_are_refused_naming_the_file(tmp_path):
         data.image_folder(folder_params(root, num_eval=12), g)
     with pytest.raises(UserError, match="no column 'caption'"):
         data.image_folder(folder_params(root, caption_column="caption"), g)
-    with pytest.raises(UserError, match="neither|could not be read"):
+    with pytest.raises(UserError, match="could not be read as a captioned image dataset"):
         data.image_folder(folder_params(tmp_path / "no-such-folder"), g)
     with pytest.raises(ValueError, match="data.color 'rgb' needs data.source 'imagefolder'"):
         from jdm.config import DataParams
