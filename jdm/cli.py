@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +22,26 @@ from .variants import TRAINED_BASELINES  # noqa: E402
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what `jdm sample --out` writes
 STAGES = ("data", "annotator", "judge", "conditions", "teacher", "evaluate-teacher", "warmup", "extend", "controlnet",
           "reference")
+
+# the commands that train data-parallel under `accelerate launch` (docs/operations.md, "Several processes"),
+# and the variable that makes them launch themselves so (a GPU work pool's job environment sets it)
+DATA_PARALLEL = ("teacher", "controlnet", "warmup", "extend", "baseline", "text-to-image")
+LAUNCH_CONFIG = "JDM_ACCELERATE_CONFIG"
+
+
+def relaunch(argv: list[str], command: str) -> int | None:
+    """With JDM_ACCELERATE_CONFIG naming an accelerate config, a training command starts itself again as
+    `accelerate launch --config_file <it> -m jdm.cli ...` and returns its exit status: the `jdm warmup` DVC
+    runs becomes one process per GPU with no change to dvc.yaml. None: run here (another command, no
+    variable, or already a launched process, which torch elastic marks with LOCAL_RANK)."""
+    config = os.environ.get(LAUNCH_CONFIG)
+    if not config or command not in DATA_PARALLEL or "LOCAL_RANK" in os.environ:
+        return None
+    if not Path(config).is_file():
+        raise UserError(f"{LAUNCH_CONFIG}={config!r} is not a file: name an accelerate config file "
+                        f"(infra/accelerate/*.yaml), or unset it to train in this process")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "-m", "jdm.cli", *argv]
+    return subprocess.run(launch).returncode
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -292,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         configure_logging(args.log_level)
+        status = relaunch(sys.argv[1:] if argv is None else argv, args.command)
+        if status is not None:
+            return status
         args.func(args)
     except (UserError, FileNotFoundError, ConnectionError, TrainingStopped) as err:
         print(f"jdm {args.command}: error: {err}", file=sys.stderr)

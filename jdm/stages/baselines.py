@@ -27,6 +27,7 @@ def run_controlnet_baseline(params: Params, name: str, method: str) -> None:
     from ..models.teacher import build_backbone, load_teacher
     from ..pipeline import load_generator, save_controlnet
     from ..training.controlnet import generator_regression_loss, teacher_loss, train_controlnet
+    from ..training.parallel import process_state
 
     setup(params)
     condition = load_condition(name, params, MODELS)
@@ -49,14 +50,20 @@ def run_controlnet_baseline(params: Params, name: str, method: str) -> None:
         params_section = "baselines"
     controlnet = controlnet_from_unet(unet, condition.channels, backbone.factor)
     out_dir = CONTROLNET_BASELINES[method] / f"controlnet-{condition_slug(name)}"
+    checkpoint = checkpoint_spec(params, CHECKPOINTS / f"{method}-{condition_slug(name)}",
+                                 {**section(params, params_section, "acceleration"), "condition": name, "method": method})
+
+    def train(log_step):
+        return train_controlnet(controlnet, loss, data, backbone, seed=params.seed, log=log_step, checkpoint=checkpoint,
+                                frozen=[frozen], acceleration=params.acceleration, **settings)
+
+    if not process_state().is_main_process:  # under `accelerate launch`: train beside the main process, which records
+        train(None)
+        return
     with stage_run(method, params.profile, section(params, params_section, "acceleration"), condition=name,
                    tags={"method": method}) as mlflow:
         start = time.perf_counter()
-        checkpoint = checkpoint_spec(params, CHECKPOINTS / f"{method}-{condition_slug(name)}",
-                                 {**section(params, params_section, "acceleration"), "condition": name, "method": method})
-        controlnet = train_controlnet(controlnet, loss, data, backbone, seed=params.seed, log=logger(mlflow),
-                                      checkpoint=checkpoint, frozen=[frozen], acceleration=params.acceleration,
-                                      **settings)
+        controlnet = train(logger(mlflow))
         metrics = {"train_seconds": time.perf_counter() - start, "steps": settings["steps"]}
         with atomic_dir(out_dir) as out:
             save_controlnet(controlnet, name, out)

@@ -104,6 +104,7 @@ def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") ->
     from ..models.teacher import build_backbone, load_teacher
     from ..objectives import VPSchedule
     from ..pipeline import load_generator, save_controlnet, save_generator
+    from ..training.parallel import process_state
     from ..training.phases import build_generator, train_phase
 
     setup(params)
@@ -139,24 +140,33 @@ def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") ->
                           jdm_params.eval_samples, params.seed)[0]
         return {f"eval_{k}": val for k, val in scores.items() if k != "num_eval_maps"}
 
-    with stage_run(stage, params.profile, stage_params, condition=name, tags={"method": method}) as mlflow:
-        log_step = recording(logger(mlflow), curve)
-        start = time.perf_counter()
+    def train(log_step) -> int:
         resumed_from = train_phase(generator, teacher_unet, fake, condition, data, backbone, schedule, jdm_params, steps,
                                    train_unet=shared_unet is None, seed=params.seed, log=log_step,
                                    checkpoint=checkpoint_spec(params, ckpt_dir, _phase_settings(params, phase, name, method)),
                                    evaluate=evaluate, acceleration=params.acceleration)
+        if unet_before is not None:
+            # phase 2 must not touch the shared generator: checked on every run and every process, not assumed
+            same = all(torch.equal(unet_before[k], val) for k, val in generator.unet.state_dict().items())
+            if not same:
+                raise RuntimeError("the frozen generator UNet changed during the extension phase")
+        return resumed_from
+
+    state = process_state()
+    if not state.is_main_process:  # under `accelerate launch`: train beside the main process, which records
+        train(lambda step, values: None)
+        return
+    with stage_run(stage, params.profile, stage_params, condition=name, tags={"method": method}) as mlflow:
+        start = time.perf_counter()
+        resumed_from = train(recording(logger(mlflow), curve))
         metrics = {"train_seconds": time.perf_counter() - start, "steps": steps, "resumed_from_step": resumed_from}
+        mlflow.log_metric("num_processes", state.num_processes)
         scores, grid = validate(generator, condition, backbone, held_out, prepared.prompt_classes, classifier,
                                 jdm_params.eval_samples, params.seed)
         metrics.update(scores)
         mlflow.log_image(grid, f"{condition_slug(name)}_validation.png")
         write_json(curve, curve_path(metrics_file))
         if unet_before is not None:
-            # phase 2 must not touch the shared generator: checked on every run, not assumed
-            same = all(torch.equal(unet_before[k], val) for k, val in generator.unet.state_dict().items())
-            if not same:
-                raise RuntimeError("the frozen generator UNet changed during the extension phase")
             metrics["generator_unchanged"] = 1.0
         if phase == "warmup":
             meta = {"image_size": params.data.image_size, "image_channels": backbone.image_channels,

@@ -162,6 +162,7 @@ def run_text_to_image(params: Params, variant: str) -> None:
     from ..objectives import VPSchedule
     from ..pipeline import load_generator, save_generator
     from ..rewards import load_reward
+    from ..training.parallel import process_state
     from ..training.phases import ControlData, text_to_image_players, train_phase
 
     if variant not in TEXT_TO_IMAGE_VARIANTS:
@@ -184,22 +185,31 @@ def run_text_to_image(params: Params, variant: str) -> None:
     guide_embeddings = load_guide_embeddings() if variant == "decoupled-cfg" else None
     reward = load_reward(REWARDS / "train") if variant.startswith("hfl") else None
 
-    def make_players(rng, data):
+    def make_players(rng, data, shard):
         return text_to_image_players(variant, generator, teacher_unet, fake, data, backbone, schedule, rng,
                                      guidance_scale=t.guidance_scale, guide_unet=guide_unet,
                                      guide_embeddings=guide_embeddings, reward=reward,
-                                     prompt_dropout=jdm_params.prompt_dropout)
+                                     prompt_dropout=jdm_params.prompt_dropout, shard=shard)
 
     stage_params = {**section(params, "jdm", "text_to_image", "acceleration"), "jdm": jdm_params.model_dump(mode="json"),
                     "variant": variant}
     ckpt_dir = CHECKPOINTS / f"text-to-image-{variant}"
+
+    def train(log_step) -> int:
+        return train_phase(generator, teacher_unet, fake, None, data, backbone, schedule, jdm_params, t.steps,
+                           train_unet=True, seed=params.seed, log=log_step,
+                           checkpoint=checkpoint_spec(params, ckpt_dir, {**stage_params, "method": variant}),
+                           make_players=make_players, frozen=[m for m in (guide_unet, reward) if m is not None],
+                           acceleration=params.acceleration)
+
+    state = process_state()
+    if not state.is_main_process:  # under `accelerate launch`: train beside the main process, which records
+        train(lambda step, values: None)
+        return
     with stage_run("text-to-image", params.profile, stage_params, condition="text", tags={"method": variant}) as mlflow:
         start = time.perf_counter()
-        resumed_from = train_phase(generator, teacher_unet, fake, None, data, backbone, schedule, jdm_params, t.steps,
-                                   train_unet=True, seed=params.seed, log=logger(mlflow),
-                                   checkpoint=checkpoint_spec(params, ckpt_dir, {**stage_params, "method": variant}),
-                                   make_players=make_players, frozen=[m for m in (guide_unet, reward) if m is not None],
-                                   acceleration=params.acceleration)
+        resumed_from = train(logger(mlflow))
+        mlflow.log_metric("num_processes", state.num_processes)
         metrics = {"train_seconds": time.perf_counter() - start, "steps": t.steps, "resumed_from_step": resumed_from}
         with atomic_dir(TEXT_TO_IMAGE / variant / "generator") as out:
             save_generator(generator, noise_scheduler, out, {k: v for k, v in meta.items() if k != "t_gen"})

@@ -17,6 +17,7 @@ from ..models.lora import consistency_mode
 from ..objectives import (VPSchedule, condition_grad, consistency_ladder, consistency_loss, fake_score_loss,
                           generator_loss)
 from .loop import check_finite
+from .parallel import Shard, average_gradients
 
 
 @dataclass
@@ -62,7 +63,9 @@ class JDMTrainer:
     def __init__(self, players: Players, schedule: VPSchedule, settings: JDMSettings, *,
                  generator_optimizer: torch.optim.Optimizer, fake_optimizer: torch.optim.Optimizer,
                  lora_optimizer: torch.optim.Optimizer, lora_params: list[torch.nn.Parameter],
-                 batch_size: int, rng: torch.Generator):
+                 batch_size: int, rng: torch.Generator, shard: Shard = Shard()):
+        """`batch_size` per process; `rng` the stream every process shares, of which `shard` keeps this
+        process's rows (jdm/training/parallel.py)."""
         if players.condition_grad is not None and (players.log_likelihood is not None or settings.condition_on_x):
             raise ValueError("a direct condition gradient (condition_grad) replaces log_likelihood and is taken at "
                              "x_t: give one of the two, and not with condition_on_x")
@@ -70,7 +73,7 @@ class JDMTrainer:
         self.gen_opt, self.fake_opt, self.lora_opt = generator_optimizer, fake_optimizer, lora_optimizer
         self.lora_params = lora_params
         self.lora_target = EMAModel(lora_params, decay=settings.consistency_ema)
-        self.batch_size, self.rng = batch_size, rng
+        self.batch_size, self.rng, self.shard = batch_size, rng, shard
         T = schedule.num_timesteps
         self.t_range = (int(settings.t_min * T), int(settings.t_max * T))
         self.cond_t_max = None if settings.condition_t_max is None else int(settings.condition_t_max * T)
@@ -80,10 +83,11 @@ class JDMTrainer:
 
     def _t(self, x: torch.Tensor) -> torch.Tensor:
         """A timestep per sample of `x`, on its device (drawn on the CPU, as all the loop's randomness)."""
-        return torch.randint(self.t_range[0], self.t_range[1] + 1, (len(x),), generator=self.rng).to(x.device)
+        return self.shard.draw(lambda m: torch.randint(self.t_range[0], self.t_range[1] + 1, (m,), generator=self.rng),
+                               len(x)).to(x.device)
 
     def _eps(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.randn(x.shape, generator=self.rng).to(x)
+        return self.shard.draw(lambda m: torch.randn((m, *x.shape[1:]), generator=self.rng), len(x)).to(x)
 
     # The adapter stays on across forward *and* backward of everything below: peft switches the
     # LoRA's requires_grad with the adapter, and autograd.grad refuses parameters that lost it.
@@ -121,6 +125,7 @@ class JDMTrainer:
                                condition_t_max=self.cond_t_max, condition_on_x=self.s.condition_on_x)
         self.gen_opt.zero_grad(set_to_none=True)
         terms.loss.backward()
+        average_gradients(_params(self.gen_opt), self.shard)
         grad_norm = check_finite(terms.loss, _params(self.gen_opt), "generator")
         self.gen_opt.step()
         self._reuse = (x.detach(), ctx)  # the first fake-score update trains on these samples
@@ -132,16 +137,18 @@ class JDMTrainer:
         loss_fake = fake_score_loss(lambda x_t, t_: self.p.fake_eps(x_t, t_, ctx), x, t, self._eps(x), self.schedule)
         self.fake_opt.zero_grad(set_to_none=True)
         loss_fake.backward()
+        average_gradients(_params(self.fake_opt), self.shard)
         grad_norm_fake = check_finite(loss_fake, _params(self.fake_opt), "fake score")
         self.fake_opt.step()
 
-        k = torch.randint(1, len(self.ladder), (len(x),), generator=self.rng)
+        k = self.shard.draw(lambda m: torch.randint(1, len(self.ladder), (m,), generator=self.rng), len(x))
         with consistency_mode(self.p.fake_score):
             loss_cons = consistency_loss(self._consistency_eps(ctx), self._target_eps(ctx), x, self._eps(x), k,
                                          self.ladder, self.schedule)
             grads = torch.autograd.grad(loss_cons, self.lora_params)  # the LoRA only, never the fake score
         for p, g in zip(self.lora_params, grads):
             p.grad = g
+        average_gradients(self.lora_params, self.shard)
         grad_norm_lora = check_finite(loss_cons, self.lora_params, "consistency")
         self.lora_opt.step()
         self.lora_opt.zero_grad(set_to_none=True)

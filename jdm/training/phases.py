@@ -15,12 +15,14 @@ import torch
 from ..conditions import Condition
 from ..config import AccelerationParams
 from ..data import EMPTY_PROMPT_ID
+from ..errors import UserError
 from ..models.backbone import Backbone
 from ..models.generator import OneStepGenerator, controlnet_from_unet
 from ..objectives import VPSchedule, cfg_condition_grad, cfg_eps
 from ..variants import TEXT_TO_IMAGE_VARIANTS
 from .checkpoint import CheckpointSpec
 from .jdm import Players
+from .parallel import Shard
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -75,27 +77,29 @@ def prompt_and_null(unet: UNet2DConditionModel, hidden: torch.Tensor, mask: torc
 
 def unet_players(generator: OneStepGenerator, teacher_unet: UNet2DConditionModel, fake_score: UNet2DConditionModel,
                  condition: Condition | None, data: ControlData, backbone: Backbone, rng: torch.Generator,
-                 prompt_dropout: float = 0.0, with_condition: bool = True, real_guidance_scale: float = 1.0) -> Players:
+                 prompt_dropout: float = 0.0, with_condition: bool = True, real_guidance_scale: float = 1.0,
+                 shard: Shard = Shard()) -> Players:
     """Bind prompts and controls: the generator and the condition see the control, the teacher and
     the fake score see only the prompt (docs/method.md: the teacher never needs to understand c).
     `with_condition=False` drops the condition term: plain score distillation (Diff-Instruct, Eq. 12).
     `real_guidance_scale` s != 1 guides the real score with the teacher's classifier-free guidance
     (DMD's coupled form): the student then matches the distribution the teacher samples with CFG s,
     the one the evaluation's reference and ControlNet-50 are drawn from. Without control maps in
-    `data` (and `condition` None) the student is text-to-image only."""
+    `data` (and `condition` None) the student is text-to-image only. `shard`: this process's rows of the
+    batches every process draws from `rng` (jdm/training/parallel.py)."""
     name = condition.name if condition is not None else None
     controlled = name in generator.names
     size = (data.maps.shape[-1] // backbone.factor if data.maps is not None
             else generator.unet.config.sample_size)
 
     def sample(n: int, grad: bool):
-        idx = torch.randint(len(data.prompt_ids), (n,), generator=rng)
+        idx = shard.draw(lambda m: torch.randint(len(data.prompt_ids), (m,), generator=rng), n)
         pid = data.prompt_ids[idx]
         if prompt_dropout:
-            pid = torch.where(torch.rand(n, generator=rng) < prompt_dropout, EMPTY_PROMPT_ID, pid)
+            pid = torch.where(shard.draw(lambda m: torch.rand(m, generator=rng), n) < prompt_dropout, EMPTY_PROMPT_ID, pid)
         ctx = {"prompt_ids": pid, "hidden": data.hidden[pid], "mask": data.mask[pid],
                "control": data.maps[idx] if data.maps is not None else None}
-        z = torch.randn((n, backbone.channels, size, size), generator=rng).to(data.hidden.device)
+        z = shard.draw(lambda m: torch.randn((m, backbone.channels, size, size), generator=rng), n).to(data.hidden.device)
         with torch.set_grad_enabled(grad):
             return generator(z, ctx["hidden"], ctx["mask"], {name: ctx["control"]} if controlled else {}), ctx
 
@@ -116,7 +120,7 @@ def text_to_image_players(variant: str, generator: OneStepGenerator, teacher_une
                           fake_score: UNet2DConditionModel, data: ControlData, backbone: Backbone, schedule: VPSchedule,
                           rng: torch.Generator, *, guidance_scale: float = 1.0, guide_unet: UNet2DConditionModel | None = None,
                           guide_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, reward: RewardNet | None = None,
-                          prompt_dropout: float = 0.0) -> Players:
+                          prompt_dropout: float = 0.0, shard: Shard = Shard()) -> Players:
     """The players of one text-to-image variant (no ControlNet):
 
     - `di`: plain score distillation (Diff-Instruct);
@@ -133,7 +137,7 @@ def text_to_image_players(variant: str, generator: OneStepGenerator, teacher_une
     # the variants of Table 3 differ in how the prompt is enforced: only coupled CFG guides the real score
     players = unet_players(generator, teacher_unet, fake_score, None, data, backbone, rng, prompt_dropout,
                            with_condition=False,
-                           real_guidance_scale=guidance_scale if variant == "coupled-cfg" else 1.0)
+                           real_guidance_scale=guidance_scale if variant == "coupled-cfg" else 1.0, shard=shard)
     if variant == "coupled-cfg":
         return players
     if variant == "decoupled-cfg":
@@ -161,7 +165,7 @@ def train_phase(generator: OneStepGenerator, teacher_unet: UNet2DConditionModel,
                 steps: int, *,
                 train_unet: bool, seed: int, checkpoint: CheckpointSpec | None, log: Callable[[int, dict], None],
                 evaluate: Callable[[], dict] | None = None,
-                make_players: Callable[[torch.Generator, ControlData], Players] | None = None,
+                make_players: Callable[[torch.Generator, ControlData, Shard], Players] | None = None,
                 frozen: Sequence[torch.nn.Module] = (), acceleration: AccelerationParams = AccelerationParams()) -> int:
     """Run one warm-up phase for `steps` JDM iterations (p: the `jdm` params section); return the step
     it resumed from (0 = a fresh start).
@@ -171,12 +175,15 @@ def train_phase(generator: OneStepGenerator, teacher_unet: UNet2DConditionModel,
     says and resumes from there; at the end the generator holds its EMA weights when `p.ema_decay` > 0.
     `evaluate()` (validation scores, of the EMA weights when there is an EMA) is logged at step 0 and
     every `p.eval_every` steps, so a run's convergence can be watched in MLflow. `make_players(rng,
-    data)` replaces the condition's players (text-to-image variants), `frozen` the networks those
+    data, shard)` replaces the condition's players (text-to-image variants), `frozen` the networks those
     players run besides teacher and fake score.
 
     Every network and `data` train on accelerate's device in `acceleration`'s precision,
-    and are back on the CPU when it returns (jdm/training/accel.py); one process: the players hold
-    no gradient all-reduce.
+    and are back on the CPU when it returns (jdm/training/accel.py). Under `accelerate launch` each of
+    N processes trains on its 1/N of the `p.batch_size` rows one process would draw, the gradients
+    averaged (jdm/training/parallel.py), so the result does not depend on N beyond float rounding;
+    only the main process logs and validates, every process checkpoints its own copy (identical
+    state) and all resume from the newest step they share.
     """
     from diffusers.training_utils import EMAModel
 
@@ -186,9 +193,10 @@ def train_phase(generator: OneStepGenerator, teacher_unet: UNet2DConditionModel,
     from .jdm import JDMSettings, JDMTrainer
 
     accelerator = make_accelerator(acceleration)
-    if accelerator.num_processes > 1:
-        raise RuntimeError(f"the JDM phases run in one process, not {accelerator.num_processes}: start the stage "
-                           f"without `accelerate launch` (the teacher and ControlNet-50 stages take several)")
+    shard = Shard.of(accelerator)
+    if p.batch_size % shard.count:
+        raise UserError(f"jdm.batch_size {p.batch_size} does not split over {shard.count} processes: it is the batch "
+                         f"of all processes together, so it must be a multiple of their number")
     networks = [generator, teacher_unet, fake_score, backbone, *frozen]  # a condition's network follows its input
     for net in networks:
         net.to(accelerator.device)
@@ -196,7 +204,7 @@ def train_phase(generator: OneStepGenerator, teacher_unet: UNet2DConditionModel,
     # where the devices' tensors can share `.data` (CPU, CUDA; not the meta device)
     lora = lora_parameters(fake_score)
     data = data.to(accelerator.device)
-    rng = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)  # the same stream on every process: each keeps its shard
     torch.manual_seed(seed)
     generator.unet.requires_grad_(train_unet)
     groups = [{"params": list(generator.controlnets.parameters()), "lr": p.controlnet_lr}] if generator.names else []
@@ -206,13 +214,14 @@ def train_phase(generator: OneStepGenerator, teacher_unet: UNet2DConditionModel,
     check_trainable_fp32(trained + list(fake_score.parameters()), "the one-step generator or the fake score")
     if make_players is None:
         players = unet_players(generator, teacher_unet, fake_score, condition, data, backbone, rng, p.prompt_dropout,
-                               with_condition=p.condition_weight > 0, real_guidance_scale=p.real_guidance_scale)
+                               with_condition=p.condition_weight > 0, real_guidance_scale=p.real_guidance_scale,
+                               shard=shard)
     else:
-        players = make_players(rng, data)
+        players = make_players(rng, data, shard)
     trainer = JDMTrainer(players, schedule, JDMSettings.from_params(p), generator_optimizer=_adam(groups, p),
                          fake_optimizer=_adam([{"params": base_parameters(fake_score), "lr": p.fake_lr}], p),
                          lora_optimizer=_adam([{"params": lora, "lr": p.lora_lr}], p), lora_params=lora,
-                         batch_size=p.batch_size, rng=rng)
+                         batch_size=p.batch_size // shard.count, rng=rng, shard=shard)
     ema = EMAModel(trained, decay=p.ema_decay) if p.ema_decay else None
     stateful = {"controlnets": generator.controlnets, "fake_score": fake_score, "lora_target": trainer.lora_target,
                 "generator_optimizer": trainer.gen_opt, "fake_optimizer": trainer.fake_opt,
@@ -221,7 +230,8 @@ def train_phase(generator: OneStepGenerator, teacher_unet: UNet2DConditionModel,
         stateful["unet"] = generator.unet
     if ema is not None:
         stateful["generator_ema"] = ema
-    checkpoints = checkpoint.checkpointer(stateful, {"data": rng}) if checkpoint is not None else None
+    checkpoints = checkpoint.checkpointer(stateful, {"data": rng}, accelerator) if checkpoint is not None else None
+    main = accelerator.is_main_process
     compile_networks([generator.unet, *generator.controlnets.values(), teacher_unet, fake_score, *frozen], acceleration)
 
     def validate(step: int) -> None:
@@ -235,19 +245,21 @@ def train_phase(generator: OneStepGenerator, teacher_unet: UNet2DConditionModel,
             if ema is not None:
                 ema.restore(trained)
 
+    validating = main and evaluate is not None and p.eval_every
+
     def step_fn(step: int) -> None:
-        if step == 1 and evaluate is not None and p.eval_every:
+        if step == 1 and validating:
             validate(0)  # a fresh start's curve begins at the initialisation, before any update
         with accelerator.autocast():
             logs = trainer.step()
         if ema is not None:
             ema.step(trained)
-        if step % p.log_every == 0 or step == steps:
+        if main and (step % p.log_every == 0 or step == steps):
             log(step, logs)
-        if evaluate is not None and p.eval_every and step % p.eval_every == 0:
+        if validating and step % p.eval_every == 0:
             validate(step)
 
-    start = run_steps(checkpoints, steps, step_fn)
+    start = run_steps(checkpoints, steps, step_fn, accelerator)
     if ema is not None:
         ema.copy_to(trained)
     for net in networks:

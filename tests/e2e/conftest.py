@@ -104,3 +104,31 @@ def stop(proc):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def launch_and_kill_after_checkpoints(cmd, cwd, checkpoints, timeout=300):
+    """Start `cmd` (an `accelerate launch` of two processes) and kill it, launcher and every worker by PID
+    (torchrun's workers have their own process groups), once each process has a checkpoint in
+    `checkpoints`/process-<i>; fail if it ended before that."""
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the workspace's store, as `run`'s
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    saved = lambda: all(list((checkpoints / f"process-{i}").glob("step-*.safetensors")) for i in (0, 1))  # noqa: E731
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline and not saved():
+        time.sleep(0.05)
+    tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    for p in tree:
+        p.kill()
+    psutil.wait_procs(tree, timeout=30)
+    assert saved(), "killed too late"
+
+
+def resumed_steps(output):
+    """[(step, process)] of each 'resumed from' line; the two processes print at once, so their lines may
+    share one: match the messages, not lines."""
+    import re
+    return re.findall(r"resumed from the checkpoint of step (\d+) in \S*process-(\d)", output)
+

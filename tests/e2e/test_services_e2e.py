@@ -3,15 +3,13 @@ applied, an MLflow server, on free loopback ports; then `prefect deployment run 
 as a user types it. Everything started is stopped by PID at the end."""
 
 import json
-import os
-import re
 import subprocess
 import sys
 
 import pytest
 
 from ..conftest import REPO
-from .conftest import lose_output, params_file, run
+from .conftest import launch_and_kill_after_checkpoints, lose_output, params_file, resumed_steps, run
 
 sys.path.insert(0, str(REPO / "infra"))
 from services import Services, _alive, free_port  # noqa: E402
@@ -166,9 +164,6 @@ def test_add_control_deployment_trains_registers_resumes_after_a_lost_worker_and
 @pytest.mark.e2e
 def test_a_training_stage_runs_under_accelerate_on_two_cpu_processes(smoke_workspace):
     """The multi-GPU code path on this machine: `accelerate launch` with two gloo processes."""
-    import time
-
-    import psutil
     from mlflow import MlflowClient
 
     work = smoke_workspace
@@ -181,21 +176,9 @@ def test_a_training_stage_runs_under_accelerate_on_two_cpu_processes(smoke_works
            "-m", "jdm.cli", "--params", pf, "teacher"]
     # killed (both processes) once each has a checkpoint; rerun, both resume from the step they share
     ckpt = work / "checkpoints/teacher"
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the workspace's store, as `run`'s
-    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline and not all(
-            list((ckpt / f"process-{i}").glob("step-*.safetensors")) for i in (0, 1)):
-        time.sleep(0.05)
-    tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-    for p in tree:  # the launcher and every worker under it, by PID: torchrun's workers have their own groups
-        p.kill()
-    psutil.wait_procs(tree, timeout=30)
-    assert all(list((ckpt / f"process-{i}").glob("step-*.safetensors")) for i in (0, 1)), "killed too late"
+    launch_and_kill_after_checkpoints(cmd, work, ckpt)
     out = run(cmd, work)
-    # the two processes print at once, so their lines may share one: match the messages, not lines
-    resumed = re.findall(r"resumed from the checkpoint of step (\d+) in \S*process-(\d)", out.stdout + out.stderr)
+    resumed = resumed_steps(out.stdout + out.stderr)
     assert len(resumed) == 2 and len({step for step, _ in resumed}) == 1, resumed  # the same step
     assert {proc for _, proc in resumed} == {"0", "1"}, resumed
     assert not ckpt.exists()
