@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 
 from .. import data as jdata
 from ..config import Params
@@ -16,15 +15,13 @@ from .common import CHECKPOINTS, METRICS, PREPARED, TEACHER, checkpoint_spec, lo
 
 def run_teacher(params: Params) -> None:
     """Single process, or several under `accelerate launch`: all train, the main process records and saves."""
-    from accelerate import PartialState
-
     from ..models.teacher import build_backbone, save_teacher
+    from ..training.parallel import process_state
     from ..training.teacher import train_teacher
 
     setup(params)
     p = params.teacher
-    # gloo across CPU processes when there is no GPU (torch elastic sets LOCAL_RANK for each process)
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     checkpoint = checkpoint_spec(params, CHECKPOINTS / "teacher", section(params, "teacher", "acceleration"))
     if not state.is_main_process:
         if not p.pretrained:
