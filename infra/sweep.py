@@ -90,12 +90,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sweep {label}: {json.dumps(rows[-1])}", flush=True)
     finally:
         Path("params.yaml").write_text(original)
-    # one row per setting: a rerun of a setting replaces its row, other sweeps' rows stay
     table = out.parent / f"{args.stage}.json"
-    kept = [r for r in (json.loads(table.read_text()) if table.is_file() else [])
-            if r["label"] not in {row["label"] for row in rows}]
-    table.write_text(json.dumps(sorted(kept + rows, key=lambda r: r["label"]), indent=2, sort_keys=True) + "\n")
+    kept = json.loads(table.read_text()) if table.is_file() else []
+    table.write_text(json.dumps(_table(kept, rows, yaml.safe_load(original)), indent=2, sort_keys=True) + "\n")
     return 0
+
+
+def _table(kept: list[dict], rows: list[dict], params: dict) -> list[dict]:
+    """One row per setting, sorted by label: a rerun of a setting replaces its row, other sweeps' rows stay.
+
+    Every row gets every column, because `dvc plots show` plots a list of rows only when their keys are the
+    same: a params key another sweep set is filled in this sweep's rows with the value params.yaml gave it,
+    and a column a kept row never recorded is null (its run's value is not known here)."""
+    labels = {row["label"] for row in rows}
+    kept = [r for r in kept if r["label"] not in labels]
+    columns = {key for row in kept + rows for key in row}
+    rows = [{**{key: _param(params, key) for key in columns}, **row} for row in rows]
+    return sorted(({**dict.fromkeys(columns), **row} for row in kept + rows), key=lambda r: r["label"])
+
+
+def _param(params: dict, key: str):
+    """params.yaml's value of a dotted key such as jdm.condition_weight; None for other columns."""
+    value = params
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
 
 
 if __name__ == "__main__":

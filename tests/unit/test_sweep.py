@@ -1,5 +1,6 @@
 """infra/sweep.py's bookkeeping: labels, the params it may set, and params.yaml put back after a failed run."""
 
+import json
 import subprocess
 import sys
 
@@ -41,3 +42,37 @@ def test_params_yaml_is_put_back_when_a_run_fails(tmp_path):
     assert result.returncode != 0 and "CalledProcessError" in result.stderr
     assert (tmp_path / "params.yaml").read_text() == original
     assert not (tmp_path / "metrics").exists()
+
+
+def test_rows_of_different_sweeps_share_their_columns_so_dvc_plots_draws_them(tmp_path):
+    (tmp_path / "params.yaml").write_text("jdm:\n  condition_weight: 1.0\n  ema_decay: 0.0\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # a stand-in `jdm warmup`: writes the metrics and curve files the stage writes, FID from the weight
+    (bin_dir / "jdm").write_text(
+        "#!/bin/sh\nmkdir -p metrics/curves\n"
+        "w=$(sed -n 's/ *condition_weight: //p' params.yaml)\n"
+        "echo \"{\\\"fid_classifier\\\": $w, \\\"consistency\\\": 0.3}\" > metrics/warmup.json\n"
+        "echo '[{\"step\": 1, \"eval_fid_classifier\": 2.0}]' > metrics/curves/warmup.json\n")
+    (bin_dir / "jdm").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    for args in (["--grid", "jdm.condition_weight=0.1,0.3"],
+                 ["--grid", "jdm.ema_decay=0.99", "--fixed", "jdm.condition_weight=0.3"],
+                 ["--grid", "jdm.condition_weight=0.3"]):  # a rerun of a setting replaces its row
+        subprocess.run([sys.executable, str(REPO / "infra" / "sweep.py"), "warmup", *args], cwd=tmp_path,
+                       check=True, capture_output=True, env=env)
+    rows = json.loads((tmp_path / "metrics/sweeps/warmup.json").read_text())
+    assert [r["label"] for r in rows] == ["condition_weight=0.1", "condition_weight=0.3",
+                                          "condition_weight=0.3,ema_decay=0.99"]
+    assert all(set(r) == set(rows[0]) for r in rows)
+    # the weight-0.1 row ran before any sweep set ema_decay: not known; the rerun of 0.3 used params.yaml's
+    assert [r["jdm.ema_decay"] for r in rows] == [None, 0.0, 0.99]
+    assert [r["fid_classifier"] for r in rows] == [0.1, 0.3, 0.3]
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json", "metrics/sweeps/warmup.json",
+                            "-x", "fid_classifier", "-y", "consistency"], cwd=tmp_path, capture_output=True,
+                           text=True, check=True)
+    plots = json.loads(shown.stdout)
+    assert "errors" not in plots, plots["errors"]
+    points = plots["data"]["metrics/sweeps/warmup.json"][0]["content"]["data"]["values"]
+    assert sorted(p["fid_classifier"] for p in points) == [0.1, 0.3, 0.3]
