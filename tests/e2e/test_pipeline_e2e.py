@@ -65,13 +65,15 @@ def test_smoke_pipeline_end_to_end(smoke_workspace):
     assert [point["step"] for point in curve] == [0, 3, 6]
     assert all({"eval_fid_classifier", "eval_kid_classifier", "eval_consistency", "eval_prompt_accuracy"} <= set(point)
                for point in curve)
-    # `dvc plots show` draws every plot of dvc.yaml (its `plots:` ids and the stages' curves) without an error
+    # `dvc plots show` draws every plot of dvc.yaml (its `plots:` ids, the stages' curves, the sample grids'
+    # folder) without an error, each curve with data
     ids = [next(iter(p)) if isinstance(p, dict) else p for p in yaml.safe_load((work / "dvc.yaml").read_text())["plots"]]
     curves = ["metrics/curves/warmup.json", *(f"metrics/curves/extend-{c}.json" for c in ("hed", "depth", "sr"))]
     shown = json.loads(run(["dvc", "plots", "show", "--json", *ids, *curves], work).stdout)
     assert "errors" not in shown, shown["errors"]
-    assert set(ids + curves) <= set(shown["data"]) and all(p[0]["content"]["data"]["values"]
-                                                            for p in shown["data"].values())
+    grids = {f"reports/samples/{m}-{c}.png" for m in ("jdm", "controlnet-50") for c in ("canny", "hed", "depth", "sr")}
+    assert set(ids + curves) - {"reports/samples"} | grids <= set(shown["data"])
+    assert all(p[0]["content"]["data"]["values"] for p in shown["data"].values() if p[0]["type"] == "vega")
     assert not (work / "checkpoints").exists() or not any((work / "checkpoints").iterdir())
     ev = next(r for r in runs if r.data.tags["stage"] == "evaluate-teacher")
     assert "prompt_accuracy" in ev.data.metrics and ev.data.params["evaluation.num_inference_steps"] == "4"
