@@ -50,15 +50,18 @@ seeds: install
 	jdm profile $(PROFILE) $(if $(FORCE),--force)
 	dvc repro seeds/dvc.yaml
 
-# everything, what CI runs (.ci/run): tests/unit, then tests/e2e (pyproject's testpaths)
+# everything, what CI runs (.ci/run): tests/unit, then tests/e2e (pyproject's testpaths), on TEST_WORKERS
+# pytest-xdist workers, a test file at a time each (each worker builds its own smoke workspace; tests and
+# stages take one torch thread each under xdist, tests/conftest.py); the slowest tests listed at the end
+TEST_WORKERS ?= 2
 test: install
 	ruff check .
-	pytest -q
+	pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # the unit tests alone (tests/unit), for your own loop; `make test` adds tests/e2e
 test-fast: install
 	ruff check .
-	pytest -q tests/unit
+	pytest -q -n $(TEST_WORKERS) --dist loadfile tests/unit
 
 # side-by-side timings, one JSON each in benchmarks/results/ (run alone: two torch processes on two
 # cores slow each other down by 4-40x). BENCH_PIPELINE=tiny times the main pipeline fresh (~1 h).

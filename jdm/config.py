@@ -313,7 +313,7 @@ class AccelerationParams(Section):
 class Params(Section):
     profile: Literal["smoke", "tiny", "sd15"]
     seed: int = 0
-    threads: int = Field(0, ge=0)  # torch threads per stage; 0 = all cores
+    threads: int = Field(0, ge=0)  # torch threads per stage; 0 = torch's default (OMP_NUM_THREADS, else the cores)
     data: DataParams
     text_encoder: TextEncoderParams = TextEncoderParams()
     annotators: AnnotatorParams = AnnotatorParams()

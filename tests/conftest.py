@@ -14,13 +14,17 @@ set_offline_env()
 # the `jdm` and `dvc` the tests start are this interpreter's, even when the venv is not activated
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 REPO = Path(__file__).resolve().parent.parent
+# torch threads of the tests and of every stage they start (params `threads: 0` takes OMP_NUM_THREADS): two,
+# never more, and one under pytest-xdist (`make test` runs two workers on two cores), whose workers would
+# otherwise oversubscribe the cores (OpenMP threads waiting on a busy core cost 4-40x here)
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1)
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
 @pytest.fixture(autouse=True)
 def _threads():
-    # tests run one at a time; two cores for torch, never more (oversubscription costs 4-40x here)
     import torch
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ MLflow logger and checkpoint settings, and the condition maps the training and e
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -34,7 +33,9 @@ SAMPLES_SHOWN = 8
 
 
 def setup(params: Params) -> None:
-    torch.set_num_threads(params.threads or os.cpu_count() or 1)
+    # 0: torch's own default (OMP_NUM_THREADS where set, else the machine's cores), so a launcher or a
+    # test runner that sets OMP_NUM_THREADS decides without editing params.yaml
+    torch.set_num_threads(params.threads or torch.get_num_threads())
     torch.manual_seed(params.seed)
 
 
