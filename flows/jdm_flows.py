@@ -250,12 +250,9 @@ def add_control(condition: str, profile: str | None = None, steps: int | None = 
         else:
             # a plugin has no stage in dvc.yaml (nothing in the repository changes to add one): its
             # upstream comes through DVC, its own maps and ControlNet through the same stage CLIs
-            dvc_repro(ws, ["warmup"] + ([] if is_plugin else [f"conditions@{condition}"]))
-            if is_plugin:
-                run_stage(ws, ["conditions", condition])
-            extra = []
-            if steps is not None:
-                extra = ["--params", str(_override_params(ws, condition, steps))]
+            dvc_repro(ws, ["warmup"])
+            run_stage(ws, ["conditions", condition])
+            extra = [] if steps is None else ["--params", str(_override_params(ws, condition, steps))]
             run_stage(ws, [*extra, "extend", condition])
         registered = register(ws, condition)
         _publish_runs(ws)
