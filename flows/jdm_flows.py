@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from jdm_automations import LOST_WORKER_RETRIES  # flows/ is on the path, as for this module
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
@@ -77,9 +78,13 @@ def _run(cmd: list[str], ws: Path) -> None:
 @contextlib.contextmanager
 def _recorded(ws: Path):
     """This flow run's process recorded in the workspace while it runs; first, runs recorded there whose
-    process is gone (a killed worker) are marked crashed, and their MLflow runs failed by the next stage."""
+    process is gone (a killed worker) are marked crashed, and their MLflow runs failed by the next stage.
+    A run queued again after a lost worker (flows/jdm_automations.py) is refused past LOST_WORKER_RETRIES."""
     import psutil
 
+    if flow_run.run_count > 1 + LOST_WORKER_RETRIES:
+        raise RuntimeError(f"flow run {flow_run.name} crashed {flow_run.run_count - 1} times; not run again "
+                           f"(at most {LOST_WORKER_RETRIES} retries after a lost worker)")
     runs = ws / RUNS_DIR
     runs.mkdir(parents=True, exist_ok=True)
     _crash_abandoned(runs)
@@ -101,8 +106,8 @@ def _crash_abandoned(runs: Path) -> None:
     logger = get_run_logger()
     for path in runs.glob("*.json"):
         rec = json.loads(path.read_text())
-        if rec["host"] != socket.gethostname():
-            continue  # another machine's process: not ours to judge
+        if rec["host"] != socket.gethostname() or rec["id"] == str(flow_run.id):
+            continue  # another machine's process, not ours to judge; or this run's own, lost before a retry
         try:
             alive = psutil.Process(rec["pid"]).create_time() == rec["started"]
         except psutil.NoSuchProcess:
@@ -111,7 +116,8 @@ def _crash_abandoned(runs: Path) -> None:
             continue
         with get_client(sync_client=True) as client:
             lost = client.read_flow_run(rec["id"])
-            if lost.state is not None and not lost.state.is_final():
+            # running (or starting) with its process gone; a run queued again is not lost
+            if lost.state is not None and (lost.state.is_running() or lost.state.is_pending()):
                 message = (f"its process {rec['pid']} on {rec['host']} ended without reporting (a lost worker); "
                            f"found by flow run {flow_run.name}")
                 client.set_flow_run_state(lost.id, Crashed(message=message), force=True)

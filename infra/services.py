@@ -1,5 +1,6 @@
-"""Local services, one command: a Prefect server, a `process` work pool with a worker and the
-deployments of prefect.yaml applied, and an MLflow tracking server; all on 127.0.0.1.
+"""Local services, one command: a Prefect server, a `process` work pool with a worker, the
+deployments of prefect.yaml and the automations of flows/jdm_automations.py (a lost worker's flow run
+runs again) applied, and an MLflow tracking server; all on 127.0.0.1.
 
     python infra/services.py serve [--prefect-port 4200] [--mlflow-port 5000]   # `make serve`
     python infra/services.py stop                                               # `make stop`
@@ -124,6 +125,8 @@ class Services:
         for name in LOCAL_DEPLOYMENTS:
             deploy += ["--name", name]
         self._cli(deploy, env)
+        # a lost worker's flow run is crashed when its heartbeats stop and queued again (flow-level retry)
+        self._cli([sys.executable, str(self.workspace / "flows" / "jdm_automations.py")], env)
         self.start_worker(env)
         self._wait("mlflow-server", f"http://127.0.0.1:{mlflow_port}/health", mlflow, timeout)
         return {"prefect": f"http://127.0.0.1:{prefect_port}", "mlflow": f"http://127.0.0.1:{mlflow_port}"}

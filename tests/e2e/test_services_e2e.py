@@ -34,6 +34,7 @@ def services(smoke_workspace, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "plugins"))  # the worker imports the user's plugin
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))  # never the user's ~/.prefect
     monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "2")  # the worker picks up runs sooner (default 10 s)
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")  # Prefect's least: a lost run found in 60 s
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     svc = Services(smoke_workspace, state_dir=tmp_path / "state")
@@ -80,8 +81,8 @@ def test_add_control_deployment_trains_registers_resumes_after_a_lost_worker_and
     assert len(trained_hed) == 1, [r.info.run_id for r in trained_hed]
 
     # a plugin from outside the repository, on a worker lost mid-training (its flow run and the stage die
-    # with it, as on a lost machine): the deployment run again on a new worker resumes from the stage's
-    # checkpoint instead of starting over
+    # with it, as on a lost machine): its heartbeats stop, the automations crash it and queue it again, and
+    # a new worker runs the same flow run, which resumes from the stage's checkpoint instead of starting over
     import psutil
 
     blur = ["condition=team_conditions:Blur", "steps=20"]
@@ -99,18 +100,18 @@ def test_add_control_deployment_trains_registers_resumes_after_a_lost_worker_and
     psutil.wait_procs(lost, timeout=30)
     assert list(ckpt.glob("step-*.safetensors")), "no checkpoint survived the lost worker"
     svc.start_worker(env)
-    again = deployment_run(blur, env, work)
-    out = again.communicate(timeout=600)[0]
-    assert again.returncode == 0 and "Completed" in out, out[-3000:]
+    inspect = ["prefect", "flow-run", "inspect", lost_flow_run, "--output", "json"]
+    deadline = time.time() + 600
+    while (lost := json.loads(run(inspect, work, env=env).stdout))["state"]["type"] not in ("COMPLETED", "FAILED") \
+            and time.time() < deadline:
+        time.sleep(3)
+    assert lost["state"]["type"] == "COMPLETED" and lost["run_count"] == 2, lost["state"]
+    assert lost["name"] == "add-control-team_conditions:Blur"  # the flow run names say what ran
     assert (work / "models/jdm/controlnet-team_conditions-Blur/diffusion_pytorch_model.safetensors").is_file()
     resumed = json.loads((work / "metrics/extend-team_conditions-Blur.json").read_text())
     assert resumed["resumed_from_step"] >= 2 and resumed["steps"] == 20, resumed
     assert not ckpt.exists()
-    # what the lost worker left running was marked by the runs after it: its flow run crashed, the
-    # extension's MLflow run failed; the flow run names say what ran
-    lost = json.loads(run(["prefect", "flow-run", "inspect", lost_flow_run, "--output", "json"], work, env=env).stdout)
-    assert lost["name"] == "add-control-team_conditions:Blur" and lost["state"]["type"] == "CRASHED", lost["state"]
-    assert "a lost worker" in lost["state"]["message"]
+    # the extension's MLflow run the lost worker left running was marked failed by the stage after it
     blur_runs = client.search_runs([experiment], "tags.condition = 'team_conditions:Blur' and tags.stage = 'extend'")
     assert sorted(r.info.status for r in blur_runs) == ["FAILED", "FINISHED"], [r.info.status for r in blur_runs]
     finished = next(r for r in blur_runs if r.info.status == "FINISHED")
@@ -122,6 +123,12 @@ def test_add_control_deployment_trains_registers_resumes_after_a_lost_worker_and
     with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as prefect:
         artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[finished.data.tags["prefect_flow_run_id"]])))
+        # the same flow run went Running, Crashed (by the heartbeat automation), AwaitingRetry, Running, Completed
+        states = [(st.name, st.message or "") for st in prefect.read_flow_run_states(lost_flow_run)]
+    assert [name for name, _ in states if name in ("Running", "Crashed", "AwaitingRetry", "Completed")] == \
+        ["Running", "Crashed", "AwaitingRetry", "Running", "Completed"], states
+    assert "its worker was lost" in dict(states)["Crashed"]
+    assert finished.data.tags["prefect_flow_run_id"] == lost_flow_run  # the retried run trained it
     # Prefect stores a link artifact as Markdown: [text](address)
     assert any(f"/runs/{finished.info.run_id})" in (a.data or "") for a in artifacts), [a.data for a in artifacts]
 
