@@ -75,8 +75,9 @@ class JDMTrainer:
         self.lora_target = EMAModel(lora_params, decay=settings.consistency_ema)
         self.batch_size, self.rng, self.shard = batch_size, rng, shard
         T = schedule.num_timesteps
-        self.t_range = (int(settings.t_min * T), int(settings.t_max * T))
-        self.cond_t_max = None if settings.condition_t_max is None else int(settings.condition_t_max * T)
+        last = lambda fraction: min(int(fraction * T), T - 1)  # noqa: E731  (1.0 is the schedule's last step, T - 1)
+        self.t_range = (int(settings.t_min * T), last(settings.t_max))
+        self.cond_t_max = None if settings.condition_t_max is None else min(last(settings.condition_t_max), self.t_range[1])
         # the consistency model is only asked for t <= condition_t_max; near T its clean prediction
         # divides by alpha_t ~ 0 and the consistency loss blows up, so the ladder stops where it is used
         self.ladder = consistency_ladder(settings.consistency_steps, T, self.cond_t_max or self.t_range[1])

@@ -14,7 +14,7 @@ from jdm.models.fake_score import build_fake_score
 from jdm.training.phases import ControlData, build_generator, unet_players
 
 
-def setup(smoke_params, freeze_unet: bool):
+def setup(smoke_params, freeze_unet: bool, **jdm):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     p = smoke_params.teacher
@@ -29,7 +29,7 @@ def setup(smoke_params, freeze_unet: bool):
         generator.unet.requires_grad_(False)
     fake, lora = build_fake_score(teacher, lora_rank=4)
     players = unet_players(generator, teacher, fake, condition, data, backbone, g)
-    trainer = JDMTrainer(players, schedule, JDMSettings.from_params(JDMParams(fake_steps=2, condition_t_max=0.5)),
+    trainer = JDMTrainer(players, schedule, JDMSettings.from_params(JDMParams(**{"fake_steps": 2, "condition_t_max": 0.5, **jdm})),
                          generator_optimizer=torch.optim.AdamW([q for q in generator.parameters() if q.requires_grad], lr=1e-3),
                          fake_optimizer=torch.optim.AdamW(base_parameters(fake), lr=1e-3),
                          lora_optimizer=torch.optim.AdamW(lora, lr=1e-3), lora_params=lora, batch_size=8, rng=g)
@@ -112,3 +112,15 @@ def test_guided_real_score_is_the_teachers_cfg(smoke_params):
         assert torch.allclose(guided.real_eps(x_t, t, ctx), cfg_eps(eps_y, eps_null, 3.0), atol=1e-5)
         assert torch.equal(plain.real_eps(x_t, t, ctx), eps_y)
         assert not torch.allclose(eps_y, eps_null)  # the prompts matter, so the test can fail
+
+
+def test_the_whole_range_of_t_stays_on_the_schedule(smoke_params):
+    """t_max and condition_t_max of 1.0 mean the schedule's last timestep, T - 1 (the full-range row): no
+    timestep drawn, nor a rung of the consistency ladder, falls off the end of the schedule."""
+    for condition_t_max in (1.0, None):
+        trainer, *_ = setup(smoke_params, freeze_unet=True, t_max=1.0, condition_t_max=condition_t_max)
+        last = trainer.schedule.num_timesteps - 1
+        assert trainer.t_range[1] == last and int(trainer.ladder.max()) == last
+        assert trainer.cond_t_max in (last, None)
+        logs = trainer.step()
+        assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
