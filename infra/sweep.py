@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics_file, curve_file = (Path(p) for p in files)
     out = Path("metrics/sweeps") / args.stage
     original = Path("params.yaml").read_text()
-    rows = []
+    table = out.parent / f"{args.stage}.json"
     try:
         for text in values.split(","):
             params = yaml.safe_load(original)
@@ -85,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copy(metrics_file, out / label / "metrics.json")
             shutil.copy(curve_file, out / label / "curve.json")
             final = json.loads(metrics_file.read_text())
-            rows.append({**settings, "label": label, "wall_seconds": round(time.perf_counter() - start, 1),
-                         **{k: v for k, v in final.items() if isinstance(v, (int, float))}})
-            print(f"sweep {label}: {json.dumps(rows[-1])}", flush=True)
+            row = {**settings, "label": label, "wall_seconds": round(time.perf_counter() - start, 1),
+                   **{k: v for k, v in final.items() if isinstance(v, (int, float))}}
+            print(f"sweep {label}: {json.dumps(row)}", flush=True)
+            # the table after every setting: a later setting that fails loses nothing finished before it
+            kept = json.loads(table.read_text()) if table.is_file() else []
+            table.write_text(json.dumps(_table(kept, [row], yaml.safe_load(original)), indent=2, sort_keys=True) + "\n")
     finally:
         Path("params.yaml").write_text(original)
-    table = out.parent / f"{args.stage}.json"
-    kept = json.loads(table.read_text()) if table.is_file() else []
-    table.write_text(json.dumps(_table(kept, rows, yaml.safe_load(original)), indent=2, sort_keys=True) + "\n")
     return 0
 
 

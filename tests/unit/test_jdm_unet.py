@@ -29,7 +29,8 @@ def setup(smoke_params, freeze_unet: bool, **jdm):
         generator.unet.requires_grad_(False)
     fake, lora = build_fake_score(teacher, lora_rank=4)
     players = unet_players(generator, teacher, fake, condition, data, backbone, g)
-    trainer = JDMTrainer(players, schedule, JDMSettings.from_params(JDMParams(**{"fake_steps": 2, "condition_t_max": 0.5, **jdm})),
+    settings = JDMSettings.from_params(JDMParams(**{"fake_steps": 2, "condition_t_max": 0.5, **jdm}))
+    trainer = JDMTrainer(players, schedule, settings,
                          generator_optimizer=torch.optim.AdamW([q for q in generator.parameters() if q.requires_grad], lr=1e-3),
                          fake_optimizer=torch.optim.AdamW(base_parameters(fake), lr=1e-3),
                          lora_optimizer=torch.optim.AdamW(lora, lr=1e-3), lora_params=lora, batch_size=8, rng=g)

@@ -29,19 +29,23 @@ def test_unknown_key_is_refused():
         sweep._assign(params, "jdm.condition_wieght", 0.3)
 
 
-def test_params_yaml_is_put_back_when_a_run_fails(tmp_path):
+def test_params_yaml_is_put_back_and_finished_rows_kept_when_a_run_fails(tmp_path):
     original = "profile: tiny\njdm:\n  condition_weight: 1.0  # a comment that yaml.safe_dump would drop\n"
     (tmp_path / "params.yaml").write_text(original)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "jdm").write_text("#!/bin/sh\nexit 3\n")  # the stage fails
+    # the stage succeeds at weight 0.1 (writing its files) and fails at 0.3
+    (bin_dir / "jdm").write_text(
+        "#!/bin/sh\ngrep -q 'condition_weight: 0.3' params.yaml && exit 3\nmkdir -p metrics/curves\n"
+        "echo '{\"fid_classifier\": 2.0}' > metrics/warmup.json\necho '[]' > metrics/curves/warmup.json\n")
     (bin_dir / "jdm").chmod(0o755)
     result = subprocess.run([sys.executable, str(REPO / "infra" / "sweep.py"), "warmup", "--grid",
                              "jdm.condition_weight=0.1,0.3"], cwd=tmp_path, capture_output=True, text=True,
                             env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
     assert result.returncode != 0 and "CalledProcessError" in result.stderr
     assert (tmp_path / "params.yaml").read_text() == original
-    assert not (tmp_path / "metrics").exists()
+    rows = json.loads((tmp_path / "metrics/sweeps/warmup.json").read_text())
+    assert [(r["label"], r["fid_classifier"]) for r in rows] == [("condition_weight=0.1", 2.0)]
 
 
 def test_rows_of_different_sweeps_share_their_columns_so_dvc_plots_draws_them(tmp_path):
