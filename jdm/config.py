@@ -40,6 +40,7 @@ class DataParams(Section):
     caption_column: str = "text"  # imagefolder, as diffusers' training examples name them
     image_column: str = "image"
     label_column: str = "label"  # a class per image: prompt accuracy and the classifier's FID features
+    caption_classes: PositiveInt = 10  # imagefolder without labels: classes from this many clusters of captions
 
     @property
     def channels(self) -> int:

@@ -8,7 +8,8 @@ An image folder is your own captioned images, read by Hugging Face `datasets` in
 layout (what diffusers' training examples read): images with a `metadata.jsonl` of `file_name`,
 `text` (the caption, the image's prompt) and optionally `label` (its class, for prompt accuracy and the
 classifier's FID features); a `test/` subfolder is the held-out split. Images are resized (shorter
-side) and centre-cropped to the profile's size, as diffusers' `train_controlnet.py` does.
+side) and centre-cropped to the profile's size, as diffusers' `train_controlnet.py` does. A folder
+without labels takes its classes from its captions (`classes_from_captions`).
 """
 
 from __future__ import annotations
@@ -151,6 +152,25 @@ def image_folder(p, g: torch.Generator) -> Source:
         out[name] = (images, labels, prompt_ids)
     out["eval"] = tuple(t[:p.num_eval] for t in out["test"])
     return Source(prompts, prompt_classes, label_names, out)
+
+
+def classes_from_captions(source: Source, hidden: torch.Tensor, mask: torch.Tensor, num_classes: int,
+                          seed: int) -> Source:
+    """A source without labels, given classes by its captions: k-means (`num_classes` clusters, at most one
+    per distinct caption) on each caption's mean token embedding [P,L,D] under `mask` [P,L], so that prompt
+    accuracy asks "does the sample show what captions like its prompt show?" and the classifier that scores
+    it has a target. A class is named by its caption nearest the cluster's centre; the empty prompt has none."""
+    from sklearn.cluster import KMeans
+
+    weights = mask[1:, :, None].to(hidden.dtype)  # id 0 is the empty prompt
+    pooled = F.normalize((hidden[1:] * weights).sum(1) / weights.sum(1).clamp(min=1), dim=1).double().numpy()
+    k = min(num_classes, len(pooled))
+    kmeans = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(pooled)
+    names = [source.prompts[1 + i] for i in kmeans.transform(pooled).argmin(0).tolist()]
+    prompt_classes = [-1, *kmeans.labels_.tolist()]
+    lookup = torch.tensor(prompt_classes)
+    splits = {name: (images, lookup[prompt_ids], prompt_ids) for name, (images, _, prompt_ids) in source.splits.items()}
+    return Source(source.prompts, prompt_classes, names, splits)
 
 
 def _load_image_dataset(p) -> dict:

@@ -49,9 +49,10 @@ def smoke_params():
     return profile_params("smoke", REPO)
 
 
-def write_image_folder(root, n=12, sizes=((20, 24), (40, 30)), held_out=0):
+def write_image_folder(root, n=12, sizes=((20, 24), (40, 30)), held_out=0, labels=True):
     """A user's folder for data.source imagefolder: `n` captioned RGB images of two classes (PNG and JPEG,
-    two sizes), metadata.jsonl beside them; the last `held_out` in a test/ subfolder (datasets' split layout)."""
+    two sizes), metadata.jsonl beside them (with a label column unless `labels` is False: diffusers'
+    training examples' layout); the last `held_out` in a test/ subfolder (datasets' split layout)."""
     import json
 
     import numpy as np
@@ -69,7 +70,7 @@ def write_image_folder(root, n=12, sizes=((20, 24), (40, 30)), held_out=0):
         name = f"im{i}.{'png' if i % 3 else 'jpg'}"
         Image.fromarray(pixels).save(folder / name)
         kind = "cat" if i % 2 == 0 else "dog"
-        rows[split].append({"file_name": name, "text": f"a {kind}, number {i % 4}", "label": kind})
+        rows[split].append({"file_name": name, "text": f"a {kind}, number {i % 4}", **({"label": kind} if labels else {})})
     for split, lines in rows.items():
         if lines:
             (root / split if held_out else root).joinpath("metadata.jsonl").write_text(

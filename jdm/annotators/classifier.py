@@ -1,4 +1,5 @@
-"""A Fashion-MNIST classifier trained by the pipeline: prompt accuracy and features for a fast local FID.
+"""A classifier trained by the pipeline on the data's classes (Fashion-MNIST's; a folder's labels, else its
+caption clusters, jdm/data.py): prompt accuracy and features for a fast local FID.
 
 It stands in for CLIP score (no CLIP weights install offline): "does the sample show the class its
 prompt names?". Its penultimate features give a FID that costs milliseconds instead of Inception's minutes.

@@ -29,6 +29,9 @@ def run_data(params: Params) -> None:
         g = torch.Generator().manual_seed(params.seed)
         source = (jdata.fashion_mnist if p.source == "fashion-mnist" else jdata.image_folder)(p, g)
         hidden, mask = TextEncoder.from_params(params.text_encoder).encode(source.prompts)
+        if not source.class_names:
+            source = jdata.classes_from_captions(source, hidden, mask, p.caption_classes, params.seed)
+            log.info(f"data: no {p.label_column!r} in {p.root}: {len(source.class_names)} classes from the captions")
         with atomic_dir(PREPARED) as out:
             for name, (images, labels, prompt_ids) in source.splits.items():
                 save_tensors({"images": images, "labels": labels, "prompt_ids": prompt_ids}, out / f"{name}.safetensors")
@@ -65,10 +68,10 @@ def run_annotator(params: Params, name: str) -> None:
             else:
                 from ..annotators.classifier import save_classifier, train_classifier
                 prepared = jdata.PreparedData.load(PREPARED)
-                if not prepared.class_names:
-                    raise UserError(f"the classifier needs a class per image, and {params.data.root} has none (no "
-                                    f"{params.data.label_column!r} in its metadata.jsonl): prompt accuracy and the "
-                                    "classifier's FID features come from it; add a label to each image")
+                if len(prepared.class_names) < 2:
+                    raise UserError(f"the classifier needs two classes or more, and {params.data.root} has "
+                                    f"{prepared.class_names}: prompt accuracy and the classifier's FID features come "
+                                    f"from it; give the images {params.data.label_column!r} labels or distinct captions")
                 train, held_out = prepared.split("train"), prepared.split("eval")
                 model, metrics = train_classifier(train.images, train.labels, held_out.images, held_out.labels,
                                                   num_classes=len(prepared.class_names), steps=p.steps,

@@ -332,22 +332,24 @@ def test_plugin_conditions_of_any_channel_count_train_and_sample(smoke_workspace
 @pytest.mark.e2e
 def test_own_captioned_images_train_a_controlnet(smoke_workspace, tmp_path):
     """data.source imagefolder, as a user brings their images: a folder of captioned RGB PNGs and JPEGs of
-    mixed sizes through data, conditions@hed and extend@hed by `dvc repro`; a bad folder is refused by
-    name and what was prepared before stays."""
+    mixed sizes, without labels (diffusers' layout: file_name and text), through data, conditions@hed and
+    extend@hed by `dvc repro`; a bad folder is refused by name and what was prepared before stays."""
     from jdm.io import load_tensors
 
     from ..conftest import write_image_folder
 
     work = smoke_workspace
-    photos = write_image_folder(tmp_path / "photos", n=160, held_out=64)  # smoke holds out 64 maps
-    params_file(work, "params.yaml", data={"source": "imagefolder", "root": str(photos)})
+    photos = write_image_folder(tmp_path / "photos", n=160, held_out=64, labels=False)  # smoke holds out 64 maps
+    params_file(work, "params.yaml", data={"source": "imagefolder", "root": str(photos), "caption_classes": 2})
     out = run(["dvc", "repro", "extend@hed"], work, timeout=900).stdout
     for stage in ("data", "classifier", "conditions@hed", "teacher", "warmup", "extend@hed"):
         assert f"Running stage '{stage}'" in out, stage
     train = load_tensors(work / "data/prepared/train.safetensors")
     assert train["images"].shape == (96, 3, 16, 16)  # RGB at the profile's size
     prepared = json.loads((work / "data/prepared/prompts.json").read_text())
-    assert prepared["class_names"] == ["cat", "dog"] and "a cat, number 0" in prepared["prompts"]
+    # no labels: the captions' two clusters are the classes prompt accuracy and the classifier use
+    assert sorted(name[:5] for name in prepared["class_names"]) == ["a cat", "a dog"], prepared["class_names"]
+    assert "a cat, number 0" in prepared["prompts"] and sorted(set(prepared["prompt_classes"])) == [-1, 0, 1]
     assert load_tensors(work / "data/conditions/hed/maps.safetensors")["eval"].shape[1:] == (1, 16, 16)
     assert json.loads((work / "models/teacher/unet/config.json").read_text())["in_channels"] == 3
     hed = json.loads((work / "metrics/extend-hed.json").read_text())
@@ -359,3 +361,10 @@ def test_own_captioned_images_train_a_controlnet(smoke_workspace, tmp_path):
     failed = subprocess.run(["jdm", "data"], cwd=work, capture_output=True, text=True)
     assert failed.returncode == 2 and "stray.png: no caption (not in metadata.jsonl" in failed.stderr, failed.stderr
     assert digest(work / "data/prepared") == before
+    # one caption for every image: nothing for prompt accuracy to tell apart, and the classifier says so
+    (photos / "train/stray.png").unlink()
+    for metadata in photos.rglob("metadata.jsonl"):
+        metadata.write_text(re.sub(r'"text": "[^"]*"', '"text": "a pet"', metadata.read_text()))
+    run(["jdm", "data"], work)
+    failed = subprocess.run(["jdm", "annotator", "classifier"], cwd=work, capture_output=True, text=True)
+    assert failed.returncode == 2 and "the classifier needs two classes or more" in failed.stderr, failed.stderr

@@ -71,6 +71,31 @@ def test_an_image_folder_is_resized_cropped_captioned_and_split(tmp_path):
     assert len(split.splits["train"][1]) == 10 and len(split.splits["test"][1]) == 4
 
 
+def test_a_folder_without_labels_takes_its_classes_from_its_captions(tmp_path):
+    from jdm.config import TextEncoderParams
+    from jdm.text import TextEncoder
+
+    source = data.image_folder(folder_params(write_image_folder(tmp_path / "f", n=16, labels=False)),
+                               torch.Generator().manual_seed(0))
+    assert source.class_names == [] and set(source.splits["train"][1].tolist()) == {-1}
+    hidden, mask = TextEncoder.from_params(TextEncoderParams()).encode(source.prompts)
+    two = data.classes_from_captions(source, hidden, mask, num_classes=2, seed=0)
+    # MiniLM puts "a cat, number 2" nearer "a cat, number 0" than any dog: the clusters are the animals
+    cat, dog = (two.class_names.index(n) for n in sorted(two.class_names))
+    assert sorted(two.class_names)[0].startswith("a cat") and sorted(two.class_names)[1].startswith("a dog")
+    assert two.prompt_classes[0] == -1  # the empty prompt names no class
+    for prompt, c in zip(two.prompts[1:], two.prompt_classes[1:]):
+        assert c == (cat if prompt.startswith("a cat") else dog), (prompt, c)
+    for images, labels, prompt_ids in two.splits.values():
+        assert torch.equal(labels, torch.tensor(two.prompt_classes)[prompt_ids])
+    assert torch.equal(two.splits["eval"][0], source.splits["eval"][0])  # images and prompts untouched
+    # at most one class per distinct caption; the same seed clusters the same way
+    many = data.classes_from_captions(source, hidden, mask, num_classes=20, seed=0)
+    assert sorted(many.class_names) == sorted(source.prompts[1:]) and len(set(many.prompt_classes[1:])) == 4
+    again = data.classes_from_captions(source, hidden, mask, num_classes=2, seed=0)
+    assert (again.class_names, again.prompt_classes) == (two.class_names, two.prompt_classes)
+
+
 def test_bad_image_folders_are_refused_naming_the_file(tmp_path):
     from jdm.errors import UserError
 
