@@ -108,6 +108,17 @@ def fashion_mnist(p, g: torch.Generator) -> Source:
     return Source(prompts, classes, list(CLASS_NAMES), splits)
 
 
+def scoring_prompts(prepared: "PreparedData", p, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` prompt ids and their classes for scoring samples of prompts alone (the teacher, text-to-image):
+    Fashion-MNIST's classes in turn, each with a template drawn from `g`; a folder's held-out captions in turn."""
+    if p.source == "fashion-mnist":
+        classes = torch.arange(n) % len(prepared.class_names)
+        return assign_prompts(classes, len(p.templates), g), classes
+    captions = prepared.split("test").prompt_ids
+    prompt_ids = captions[torch.arange(n) % len(captions)]
+    return prompt_ids, torch.tensor(prepared.prompt_classes)[prompt_ids]
+
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 

@@ -109,8 +109,7 @@ def run_evaluate_teacher(params: Params) -> None:
         backbone = build_backbone(params)
         hidden_table, mask_table = prepared.embeddings()
         g = torch.Generator().manual_seed(params.seed)
-        classes = torch.arange(e.num_samples) % 10
-        pid = jdata.assign_prompts(classes, len(params.data.templates), g)
+        pid, classes = jdata.scoring_prompts(prepared, params.data, e.num_samples, g)
         size = params.data.image_size // backbone.factor
         start = time.perf_counter()
         samples = []

@@ -245,8 +245,7 @@ def run_evaluate_text_to_image(params: Params, methods: list[str]) -> None:
     prepared = jdata.PreparedData.load(PREPARED)
     hidden_table, mask_table = prepared.embeddings()
     g = torch.Generator().manual_seed(params.seed)
-    classes = torch.arange(e.num_samples) % 10
-    pid = jdata.assign_prompts(classes, len(params.data.templates), g)
+    pid, classes = jdata.scoring_prompts(prepared, params.data, e.num_samples, g)
     hidden, mask, null = hidden_table[pid], mask_table[pid], (hidden_table[:1], mask_table[:1])
     backbone = build_backbone(params)
     classifier = load_classifier(ANNOTATORS / "classifier")

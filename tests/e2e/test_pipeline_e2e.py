@@ -354,6 +354,9 @@ def test_own_captioned_images_train_a_controlnet(smoke_workspace, tmp_path):
     assert json.loads((work / "models/teacher/unet/config.json").read_text())["in_channels"] == 3
     hed = json.loads((work / "metrics/extend-hed.json").read_text())
     assert 0 <= hed["consistency"] and 0 <= hed["prompt_accuracy"] <= 1, hed
+    # the teacher is scored on the held-out captions (Fashion-MNIST: its classes' templates)
+    run(["dvc", "repro", "evaluate-teacher"], work)
+    assert 0 <= json.loads((work / "metrics/teacher.json").read_text())["prompt_accuracy"] <= 1
     # DVC tracks the folder: a new image makes the data stage stale; without its caption it is refused
     (photos / "train/stray.png").write_bytes((photos / "train/im1.png").read_bytes())
     assert "data" in run(["dvc", "status", "data"], work).stdout.split(":")[0]

@@ -96,6 +96,24 @@ def test_a_folder_without_labels_takes_its_classes_from_its_captions(tmp_path):
     assert (again.class_names, again.prompt_classes) == (two.class_names, two.prompt_classes)
 
 
+def test_prompts_for_scoring_are_the_classes_in_turn_or_the_held_out_captions(tmp_path):
+    from types import SimpleNamespace
+
+    from jdm.io import save_tensors
+
+    fashion = SimpleNamespace(source="fashion-mnist", templates=["a {}", "the {}"])
+    prepared = SimpleNamespace(class_names=list(data.CLASS_NAMES))
+    prompt_ids, classes = data.scoring_prompts(prepared, fashion, 25, torch.Generator().manual_seed(0))
+    assert classes.tolist() == [i % 10 for i in range(25)]
+    assert torch.equal(prompt_ids, data.assign_prompts(classes, 2, torch.Generator().manual_seed(0)))
+    # a folder: its held-out captions in turn, each with its caption's class
+    save_tensors({"images": torch.zeros(3, 1, 8, 8, dtype=torch.uint8), "labels": torch.tensor([1, 0, 1]),
+                  "prompt_ids": torch.tensor([3, 1, 2])}, tmp_path / "test.safetensors")
+    folder = data.PreparedData(tmp_path, ["", "a", "b", "c"], [-1, 0, 1, 1], ["a", "b"])
+    prompt_ids, classes = data.scoring_prompts(folder, SimpleNamespace(source="imagefolder"), 5, torch.Generator())
+    assert prompt_ids.tolist() == [3, 1, 2, 3, 1] and classes.tolist() == [1, 0, 1, 1, 0]
+
+
 def test_bad_image_folders_are_refused_naming_the_file(tmp_path):
     from jdm.errors import UserError
 
