@@ -232,6 +232,9 @@ class WarmupParams(Section):
 
 class ExtendParams(Section):
     steps: PositiveInt = 200
+    # lambda_c of the extensions (phase 2); null = jdm.condition_weight. A ControlNet of the warm-up's own
+    # condition keeps the warm-up's weight, as it keeps its steps (jdm/stages/phases.py)
+    condition_weight: Optional[float] = Field(None, ge=0.0)
 
 
 class ControlNetParams(Section):

@@ -112,15 +112,18 @@ class GeneratorTerms:
 
 def generator_loss(x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, schedule: VPSchedule, *,
                    real_eps: EpsFn, fake_eps: EpsFn,
-                   condition: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                   condition: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                    condition_weight: float = 1.0, condition_t_max: int | None = None,
                    condition_on_x: bool = False) -> GeneratorTerms:
     """The JDM generator update (docs/method.md, 'in practice').
 
     g = w_t [ (s_real - s_fake)(x_t) + lambda_c 1[t <= t_max] grad_{x_t} log p(c | x_t) ], moved along by
     descent on 0.5 ||x - sg(x + g)||^2; w_t = sigma_t^2 / alpha_t / mean|x - x0_real| (DMD's normaliser).
-    `condition(x_t, t)` returns the condition gradient (see `condition_grad`); with `condition_on_x`
-    it is evaluated on the generator output itself (the paper's w/o-modelling-log p(c|x_t) ablation).
+    `condition(x_t, t, rows)` returns the condition gradient (see `condition_grad`) of the batch's rows
+    `rows` (a boolean mask: the caller slices its batch context with it); it is asked only for the rows
+    with t <= t_max, the others' term being zero, so the consistency model's passes skip them (the same
+    result up to float reassociation). With `condition_on_x` it is evaluated on the generator output
+    itself (the paper's w/o-modelling-log p(c|x_t) ablation).
     """
     alpha, sigma = schedule.coeffs(t, x)
     with torch.no_grad():
@@ -130,10 +133,11 @@ def generator_loss(x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, schedule
         g = g_fid
         g_cond = torch.zeros_like(x)
         if condition is not None and condition_weight:
-            # t = -1 makes the consistency model the identity: the gradient of log p(c | x) itself
-            g_cond = condition(x.detach(), torch.full_like(t, -1)) if condition_on_x else condition(x_t, t)
-            if condition_t_max is not None:
-                g_cond = g_cond * (t <= condition_t_max).view_as(alpha).to(g_cond)
+            rows = t <= condition_t_max if condition_t_max is not None else torch.ones_like(t, dtype=torch.bool)
+            if rows.any():
+                # t = -1 makes the consistency model the identity: the gradient of log p(c | x) itself
+                g_cond[rows] = (condition(x.detach()[rows], torch.full_like(t[rows], -1), rows) if condition_on_x
+                                else condition(x_t[rows], t[rows], rows)).to(g_cond)
             g = g + condition_weight * g_cond
         x0_real = (x_t - sigma * e_real) / alpha
         dims = tuple(range(1, x.ndim))

@@ -109,7 +109,10 @@ def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") ->
 
     setup(params)
     variant = VARIANTS[method]
-    jdm_params = params.jdm.model_copy(update=dict(variant.overrides))
+    jdm_params = params.jdm
+    if phase == "extend" and name != params.warmup.condition and params.extend.condition_weight is not None:
+        jdm_params = jdm_params.model_copy(update={"condition_weight": params.extend.condition_weight})
+    jdm_params = jdm_params.model_copy(update=dict(variant.overrides))  # a variant's own weight (0 for DI) wins
     condition = load_condition(name, params, MODELS)
     prepared = jdata.PreparedData.load(PREPARED)
     data, held_out = control_data(prepared, name)

@@ -116,9 +116,9 @@ class JDMTrainer:
         t = self._t(x)
         condition = None
         if self.p.condition_grad is not None:
-            condition = lambda x_t, t_: self.p.condition_grad(x_t, t_, ctx)  # noqa: E731
+            condition = lambda x_t, t_, rows: self.p.condition_grad(x_t, t_, context_rows(ctx, rows))  # noqa: E731
         elif self.p.log_likelihood is not None:
-            condition = lambda x_t, t_: self._condition_grad(ctx, x_t, t_)  # noqa: E731
+            condition = lambda x_t, t_, rows: self._condition_grad(context_rows(ctx, rows), x_t, t_)  # noqa: E731
         terms = generator_loss(x, t, self._eps(x), self.schedule,
                                real_eps=lambda x_t, t_: self.p.real_eps(x_t, t_, ctx),
                                fake_eps=lambda x_t, t_: self.p.fake_eps(x_t, t_, ctx),
@@ -167,6 +167,18 @@ class JDMTrainer:
                     x, ctx = self.p.sample(self.batch_size, False)
             logs.update(self.fake_step(x, ctx))
         return logs
+
+
+def context_rows(ctx: Any, rows: torch.Tensor) -> Any:
+    """The rows `rows` (a boolean mask over the batch) of a batch context: a tensor, a dict or tuple of
+    them (prompt ids, embeddings, control maps) or None; what is not a tensor is shared by every row."""
+    if torch.is_tensor(ctx):
+        return ctx[rows.to(ctx.device)]
+    if isinstance(ctx, dict):
+        return {k: context_rows(v, rows) for k, v in ctx.items()}
+    if isinstance(ctx, (tuple, list)):
+        return type(ctx)(context_rows(v, rows) for v in ctx)
+    return ctx
 
 
 def _params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:

@@ -8,8 +8,8 @@ from jdm.config import JDMParams
 from jdm.models.backbone import Backbone
 from jdm.models.lora import base_parameters, consistency_mode
 from jdm.models.unet import build_noise_scheduler, build_unet
-from jdm.objectives import VPSchedule
-from jdm.training.jdm import JDMSettings, JDMTrainer
+from jdm.objectives import VPSchedule, generator_loss
+from jdm.training.jdm import JDMSettings, JDMTrainer, context_rows
 from jdm.models.fake_score import build_fake_score
 from jdm.training.phases import ControlData, build_generator, unet_players
 
@@ -125,3 +125,32 @@ def test_the_whole_range_of_t_stays_on_the_schedule(smoke_params):
         assert trainer.cond_t_max in (last, None)
         logs = trainer.step()
         assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+
+
+def test_the_condition_gradient_is_taken_only_on_the_rows_that_use_it(smoke_params):
+    """The consistency model's passes run on the rows with t <= condition_t_max alone, and the update
+    equals the whole batch's condition gradient with the other rows zeroed (up to float reassociation)."""
+    trainer, *_ = setup(smoke_params, freeze_unet=True, condition_weight=0.3)
+    g = torch.Generator().manual_seed(1)
+    x, ctx = trainer.p.sample(8, True)
+    t = torch.tensor([100, 900, 200, 800, 400, 999, 10, 600])
+    eps = torch.randn(x.shape, generator=g)
+    x_t = trainer.schedule.noisy(x.detach(), eps, t)
+    whole = trainer._condition_grad(ctx, x_t, t)
+    rows = t <= trainer.cond_t_max
+    assert 0 < rows.sum() < len(t)  # both kinds of row, so the test can fail
+    asked = []
+
+    def on_rows(a, b, r):
+        asked.append(r.clone())
+        return trainer._condition_grad(context_rows(ctx, r), a, b)
+
+    kwargs = dict(real_eps=lambda a, b: trainer.p.real_eps(a, b, ctx), fake_eps=lambda a, b: trainer.p.fake_eps(a, b, ctx),
+                  condition_weight=0.3, condition_t_max=trainer.cond_t_max)
+    sub = generator_loss(x, t, eps, trainer.schedule, condition=on_rows, **kwargs)
+    masked = generator_loss(x, t, eps, trainer.schedule, condition=lambda a, b, r: whole[r], **kwargs)
+    assert len(asked) == 1 and torch.equal(asked[0], rows)
+    assert whole[rows].abs().max() > 0
+    assert torch.allclose(sub.loss, masked.loss, rtol=1e-5)
+    assert abs(sub.condition_norm - masked.condition_norm) < 1e-4 * masked.condition_norm
+    assert sub.fidelity_norm == masked.fidelity_norm

@@ -11,7 +11,7 @@ from jdm.models.lora import base_parameters
 from jdm.models.unet import build_noise_scheduler, build_unet
 from jdm.objectives import VPSchedule, cfg_condition_grad, cfg_eps, generator_loss
 from jdm.rewards import RewardNet
-from jdm.training.jdm import JDMSettings, JDMTrainer, Players
+from jdm.training.jdm import JDMSettings, JDMTrainer, Players, context_rows
 from jdm.training.phases import ControlData, build_generator, text_to_image_players
 from jdm.variants import TEXT_TO_IMAGE_VARIANTS
 
@@ -73,7 +73,7 @@ def test_decoupled_cfg_gradient_comes_from_the_guide_and_the_teacher_keeps_its_p
     x, ctx = players.sample(6, True)
     terms = generator_loss(x, t, torch.randn(x.shape, generator=g), schedule,
                            real_eps=lambda a, b: players.real_eps(a, b, ctx), fake_eps=lambda a, b: players.fake_eps(a, b, ctx),
-                           condition=lambda a, b: players.condition_grad(a, b, ctx))
+                           condition=lambda a, b, rows: players.condition_grad(a, b, context_rows(ctx, rows)))
     assert len(teacher_rec.calls) == 1 and torch.equal(teacher_rec.calls[0], ctx["hidden"])
     assert len(guide_rec.calls) == 1 and torch.equal(guide_rec.calls[0], torch.cat([ctx["hidden"], null_hidden]))
     # the fake score starts as the teacher's copy: fidelity is 0 and the update is the guide's alone
