@@ -3,6 +3,7 @@ MLflow logger and checkpoint settings, and the condition maps the training and e
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -56,12 +57,32 @@ def logger(mlflow: ModuleType) -> Callable[[int, dict], None]:
     return log_step
 
 
-def recording(log: Callable[[int, dict], None], curve: list) -> Callable[[int, dict], None]:
-    """`log` that also keeps each validation record (the `eval_*` values) in `curve`, for a DVC plot."""
+def recording(log: Callable[[int, dict], None], curve: list, keep: Path | None = None) -> Callable[[int, dict], None]:
+    """`log` that also keeps each validation record (the `eval_*` values) in `curve`, for a DVC plot.
+
+    `keep` (a checkpoint spec's `records`): a JSON-lines file each record is appended to and `curve`
+    starts from, so a stage resumed from a checkpoint continues its curve instead of starting it at the
+    resume. A record at step s replaces the rows from s on: after a resume those steps are trained again."""
+    def add(row: dict) -> None:
+        curve[:] = [r for r in curve if r["step"] < row["step"]] + [row]
+
+    if keep is not None and keep.is_file():
+        text = keep.read_text()
+        if not text.endswith("\n"):  # a kill mid-append leaves a torn last line: drop it before appending
+            text = text[:text.rfind("\n") + 1]
+            keep.write_text(text)
+        for line in text.splitlines():
+            add(json.loads(line))
+
     def record(step: int, values: dict) -> None:
         log(step, values)
         if any(k.startswith("eval_") for k in values):
-            curve.append({"step": step, **values})
+            row = {"step": step, **values}
+            add(row)
+            if keep is not None:
+                keep.parent.mkdir(parents=True, exist_ok=True)
+                with keep.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
     return record
 
 

@@ -137,6 +137,7 @@ def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") ->
     stage_params = {**section(params, "jdm", phase, "acceleration"), "jdm": jdm_params.model_dump(mode="json")}
     stage, metrics_file, ckpt_dir = _variant_paths(variant, phase, name)
     curve = []  # the validation scores against the step: MLflow's metric history and a DVC plot
+    checkpoint = checkpoint_spec(params, ckpt_dir, _phase_settings(params, phase, name, method))
 
     def evaluate():
         scores = validate(generator, condition, backbone, held_out, prepared.prompt_classes, classifier,
@@ -146,7 +147,7 @@ def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") ->
     def train(log_step) -> int:
         resumed_from = train_phase(generator, teacher_unet, fake, condition, data, backbone, schedule, jdm_params, steps,
                                    train_unet=shared_unet is None, seed=params.seed, log=log_step,
-                                   checkpoint=checkpoint_spec(params, ckpt_dir, _phase_settings(params, phase, name, method)),
+                                   checkpoint=checkpoint,
                                    evaluate=evaluate, acceleration=params.acceleration)
         if unet_before is not None:
             # phase 2 must not touch the shared generator: checked on every run and every process, not assumed
@@ -161,7 +162,7 @@ def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") ->
         return
     with stage_run(stage, params.profile, stage_params, condition=name, tags={"method": method}) as mlflow:
         start = time.perf_counter()
-        resumed_from = train(recording(logger(mlflow), curve))
+        resumed_from = train(recording(logger(mlflow), curve, keep=checkpoint.records))
         metrics = {"train_seconds": time.perf_counter() - start, "steps": steps, "resumed_from_step": resumed_from}
         mlflow.log_metric("num_processes", state.num_processes)
         scores, grid = validate(generator, condition, backbone, held_out, prepared.prompt_classes, classifier,

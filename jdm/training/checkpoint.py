@@ -47,6 +47,11 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def records_name(settings_fingerprint: str) -> str:
+    """The file beside the checkpoints that keeps a run's logged records (its curves) for a resume."""
+    return f"records-{settings_fingerprint}.jsonl"
+
+
 def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy()) if t.numel() else 0
 
@@ -169,8 +174,10 @@ class Checkpointer:
         state = {"fingerprint": self.fingerprint, "step": step, "torch_rng": torch.get_rng_state(),
                  "objects": {name: obj.state_dict() for name, obj in self.stateful.items()},
                  "generators": {name: gen.get_state() for name, gen in self.generators.items()}}
-        if self._stale:
-            shutil.rmtree(self.directory, ignore_errors=True)
+        if self._stale:  # other settings' files go; this run's records, already begun, stay
+            for old in self.directory.iterdir():
+                if old.name != records_name(self.fingerprint):
+                    shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
             self._stale = False
         path = self.directory / f"step-{step:08d}.safetensors"
         try:
@@ -196,6 +203,11 @@ class CheckpointSpec:
     settings: dict
     every: int
     keep: int = 2
+
+    @property
+    def records(self) -> Path:
+        """Where the stage keeps its curves' records so that a resumed run continues them."""
+        return Path(self.directory) / records_name(fingerprint(self.settings))
 
     def checkpointer(self, stateful: dict[str, Any], generators: dict[str, torch.Generator],
                      accelerator: Accelerator | None = None) -> Checkpointer:

@@ -197,7 +197,8 @@ def digest(folder):
 @pytest.mark.e2e
 def test_extension_resumes_from_its_checkpoint_after_a_kill(smoke_workspace):
     """SIGKILL at a random point after the first checkpoint; the rerun resumes from the newest one and
-    ends with the same weights, bit for bit, as an unbroken run (CPU, same threads: deterministic)."""
+    ends with the same weights, bit for bit, as an unbroken run (CPU, same threads: deterministic), and
+    with the same validation curve, row for row (the killed run's records continue)."""
     import random
     import signal
     import time
@@ -205,7 +206,7 @@ def test_extension_resumes_from_its_checkpoint_after_a_kill(smoke_workspace):
     from safetensors.torch import load_file
 
     work = smoke_workspace
-    pf = params_file(work, "resume.yaml", extend={"steps": 20}, jdm={"eval_every": 0}, checkpoint={"every": 5, "keep": 2})
+    pf = params_file(work, "resume.yaml", extend={"steps": 20}, jdm={"eval_every": 5}, checkpoint={"every": 5, "keep": 2})
     cmd = ["jdm", "--params", pf, "extend", "sr"]
     ckpt_dir = work / "checkpoints/extend-sr"
     proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -223,12 +224,16 @@ def test_extension_resumes_from_its_checkpoint_after_a_kill(smoke_workspace):
     assert step >= 5 and step % 5 == 0 and kept[-1] == f"step-{step:08d}.safetensors", (delay, kept, step)
     assert not ckpt_dir.exists()  # removed once the outputs are saved
     interrupted = load_file(work / "models/jdm/controlnet-sr/diffusion_pytorch_model.safetensors")
+    curve_file = work / "metrics/curves/extend-sr.json"
+    interrupted_curve = json.loads(curve_file.read_text())
     fresh = run(cmd, work)
     assert "resumed from" not in fresh.stdout
     uninterrupted = load_file(work / "models/jdm/controlnet-sr/diffusion_pytorch_model.safetensors")
     # all state (weights, optimisers, EMA target, RNGs, data position) came back: one unbroken run's weights
     assert interrupted.keys() == uninterrupted.keys()
     assert all(torch_equal(interrupted[k], uninterrupted[k]) for k in uninterrupted), f"killed {delay:.2f} s after step 5"
+    assert [row["step"] for row in interrupted_curve] == [0, 5, 10, 15, 20]
+    assert interrupted_curve == json.loads(curve_file.read_text()), (delay, step)
 
 
 def torch_equal(a, b):

@@ -8,7 +8,8 @@ import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
-from jdm.training.checkpoint import Checkpointer
+from jdm.stages.common import recording
+from jdm.training.checkpoint import Checkpointer, CheckpointSpec
 from jdm.training.errors import CheckpointWriteFailed, TrainingDiverged
 from jdm.training.loop import check_trainable_fp32, run_steps
 
@@ -74,6 +75,41 @@ def test_other_settings_start_afresh_and_replace_the_old_files(tmp_path):
     assert ckpt.restore() == 0 and all(torch.equal(a, b) for a, b in zip(before, weights(other[0])))
     ckpt.save(2)
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000002.safetensors"]
+
+
+def curve_run(objs, steps, spec=None):
+    """Train `steps`, logging a validation record (the weights' norm) every 2 steps as the stages do;
+    with `spec`, checkpoint every 4 steps and keep the records beside the checkpoints."""
+    model, opt, sched, ema, rng = objs
+    curve = []
+    record = recording(lambda step, values: None, curve, keep=spec.records if spec else None)
+
+    def step_fn(step):
+        train(*objs, steps=step, start=step - 1)
+        if step % 2 == 0:
+            record(step, {"eval_norm": sum(p.norm().item() for p in model.parameters()), "loss": 0.0})
+    if spec is None:
+        for step in range(1, steps + 1):
+            step_fn(step)
+    else:
+        run_steps(spec.checkpointer({"model": model, "opt": opt, "sched": sched, "ema": ema}, {"data": rng}), steps, step_fn)
+    return curve
+
+
+def test_a_resumed_run_continues_its_curve_row_for_row(tmp_path):
+    unbroken = curve_run(players(), 10)
+    assert [r["step"] for r in unbroken] == [2, 4, 6, 8, 10]
+    spec = CheckpointSpec(tmp_path, {"lr": 0.1}, every=4)
+    assert [r["step"] for r in curve_run(players(), 7, spec)] == [2, 4, 6]   # as if killed after step 7
+    with spec.records.open("a") as f:
+        f.write('{"step": 8, "eval_no')                                        # and mid-append
+    # resumed from step 4: steps 5-10 are trained again, their records replace the killed run's
+    assert curve_run(players(seed=5), 10, spec) == unbroken
+    # other settings neither read these records nor, when they replace the checkpoints, lose their own
+    other = CheckpointSpec(tmp_path, {"lr": 0.2}, every=4)
+    assert other.records != spec.records
+    assert [r["step"] for r in curve_run(players(), 6, other)] == [2, 4, 6]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.records.name, "step-00000004.safetensors"])
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped byte", "not safetensors"])
