@@ -69,14 +69,22 @@ def seconds_per_call(fn, repeats: int) -> float:
 
 
 def needed_passes(generator, teacher, fake, lora, control: dict, hidden, mask, size: int, fake_steps: int,
-                  repeats: int, g: torch.Generator) -> dict[str, float]:
-    """Seconds per iteration of each network pass a JDM iteration needs, each timed alone (module doc)."""
+                  repeats: int, g: torch.Generator, *, guided: bool, condition_rows: int) -> dict[str, float]:
+    """Seconds per iteration of each network pass a JDM iteration needs, each timed alone (module doc),
+    as the iteration runs them: the teacher on the prompt and the empty prompt at once when `guided`
+    (real-score CFG), the condition gradient on the `condition_rows` rows whose t is in its range; and,
+    apart (not needed), that gradient on every row, as taken before it skipped the others."""
     n = len(hidden)
-    z = torch.randn(n, 1, size, size, generator=g)
-    t = torch.randint(20, 980, (n,), generator=g)
+    z = torch.randn(n, fake.config.in_channels, size, size, generator=g).to(hidden.device)
+    t = torch.randint(20, 980, (n,), generator=g).to(hidden.device)
 
-    def eps(net, x):
-        return net(x, t, encoder_hidden_states=hidden, encoder_attention_mask=mask).sample
+    def eps(net, x, rows=n):
+        return net(x[:rows], t[:rows], encoder_hidden_states=hidden[:rows], encoder_attention_mask=mask[:rows]).sample
+
+    def teacher_forward():
+        x, tt, h, m = (torch.cat([z, z]), torch.cat([t, t]), torch.cat([hidden, hidden]), torch.cat([mask, mask])) if guided \
+            else (z, t, hidden, mask)
+        teacher(x, tt, encoder_hidden_states=h, encoder_attention_mask=m)
 
     def generator_forward_backward():
         generator(z, hidden, mask, control).sum().backward()
@@ -86,10 +94,12 @@ def needed_passes(generator, teacher, fake, lora, control: dict, hidden, mask, s
         eps(fake, z).sum().backward()
         fake.zero_grad(set_to_none=True)
 
-    def consistency_grad_to_x():
-        x = z.clone().requires_grad_(True)
-        with consistency_mode(fake):
-            torch.autograd.grad(eps(fake, x).sum(), x)
+    def consistency_grad_to_x(rows):
+        def call():
+            x = z.clone().requires_grad_(True)
+            with consistency_mode(fake):
+                torch.autograd.grad(eps(fake, x, rows).sum(), x)
+        return call
 
     def consistency_grad_to_lora():
         with consistency_mode(fake):
@@ -106,15 +116,17 @@ def needed_passes(generator, teacher, fake, lora, control: dict, hidden, mask, s
             eps(fake, z)
 
     per_call = {"generator_forward_backward": generator_forward_backward,
-                "teacher_forward": no_grad(lambda: eps(teacher, z)),
+                "teacher_forward": no_grad(teacher_forward),
                 "fake_score_forward": no_grad(lambda: eps(fake, z)),
-                "consistency_forward_backward_to_x": consistency_grad_to_x,
+                "consistency_forward_backward_to_x": consistency_grad_to_x(condition_rows),
+                "consistency_forward_backward_to_x_every_row": consistency_grad_to_x(n),
                 "fake_score_forward_backward": fake_forward_backward,
                 "consistency_forward_backward_to_lora": consistency_grad_to_lora,
                 "consistency_target_forward": no_grad(consistency_forward),
                 "generator_forward": no_grad(lambda: generator(z, hidden, mask, control))}
     calls = {"generator_forward_backward": 1, "teacher_forward": 1, "fake_score_forward": 1,
-             "consistency_forward_backward_to_x": 1, "fake_score_forward_backward": fake_steps,
+             "consistency_forward_backward_to_x": 1 if condition_rows else 0,
+             "consistency_forward_backward_to_x_every_row": 1, "fake_score_forward_backward": fake_steps,
              "consistency_forward_backward_to_lora": fake_steps, "consistency_target_forward": fake_steps,
              "generator_forward": fake_steps - 1}
     return {name: calls[name] * seconds_per_call(fn, repeats) for name, fn in per_call.items() if calls[name]}
@@ -153,7 +165,8 @@ def build_steps(nets, batch: int, fake_steps: int, g: torch.Generator, timer: Pa
     profile's settings, on the device the profile's networks and data are on."""
     p, teacher = nets.params.jdm, nets.teacher
     opt = torch.optim.AdamW(teacher.parameters(), lr=1e-4)
-    x0 = nets.images[:batch] * 2 - 1
+    with torch.no_grad():
+        x0 = nets.backbone.encode(nets.images[:batch])  # pixels * 2 - 1, or SD's latents
     hidden, mask = nets.data.hidden[nets.data.prompt_ids[:batch]], nets.data.mask[nets.data.prompt_ids[:batch]]
 
     def teacher_step():
@@ -167,12 +180,17 @@ def build_steps(nets, batch: int, fake_steps: int, g: torch.Generator, timer: Pa
     teacher.eval().requires_grad_(False)
     generator = build_generator(teacher, nets.schedule, nets.condition, nets.backbone, t_gen=p.t_gen)
     fake, lora = build_fake_score(teacher, lora_rank=p.lora_rank)
+    device = next(teacher.parameters()).device  # the new ControlNet is built on the CPU: join the teacher
+    generator.to(device), fake.to(device)
     if timer is not None:
         timer.wrap("generator_unet", generator.unet)
         timer.wrap("controlnet", generator.controlnet(nets.condition.name))
         timer.wrap("fake_score/consistency", fake)
         timer.wrap("teacher", teacher)
-    players = unet_players(generator, teacher, fake, nets.condition, nets.data, nets.backbone, g)
+    # the players the phases build: the real score guided at the profile's CFG scale (its CFG pass runs
+    # on twice the batch), the condition term below condition_t_max
+    players = unet_players(generator, teacher, fake, nets.condition, nets.data, nets.backbone, g,
+                           real_guidance_scale=p.real_guidance_scale)
     settings = replace(JDMSettings.from_params(p), fake_steps=fake_steps)
     trainer = JDMTrainer(players, nets.schedule, settings,
                          generator_optimizer=torch.optim.AdamW([q for q in generator.parameters() if q.requires_grad], lr=1e-5),
@@ -213,8 +231,12 @@ def main() -> None:
     jdm_s = (time.perf_counter() - start) / args.repeats
     forward = {k: v / args.repeats for k, v in timer.seconds.items()}
     calls = {k: v / args.repeats for k, v in timer.calls.items()}  # before the passes below add theirs
+    lo, hi = trainer.t_range
+    condition_rows = round(args.batch * (min(trainer.cond_t_max or hi, hi) - lo + 1) / (hi - lo + 1))
     needed = needed_passes(generator, teacher, fake, lora, {condition.name: data.maps[:args.batch]}, steps.hidden,
-                           steps.mask, size, fake_steps, args.repeats, g)
+                           steps.mask, size, fake_steps, args.repeats, g, guided=p.real_guidance_scale != 1.0,
+                           condition_rows=condition_rows)
+    every_row = needed.pop("consistency_forward_backward_to_x_every_row")
     needed_s = sum(needed.values())
     adamw = optimizer_step_seconds([q for q in generator.parameters() if q.requires_grad], args.repeats)
     result = {"profile": args.profile, "batch": args.batch, "resolution": size, "fake_steps": fake_steps,
@@ -223,6 +245,7 @@ def main() -> None:
               "forward_calls_per_iteration": calls,
               "backward_and_optimizer_s": jdm_s - sum(forward.values()),
               "needed_passes_s": needed, "needed_passes_total_s": needed_s,
+              "condition_rows": condition_rows, "condition_gradient_every_row_s": every_row,
               "overhead_s": jdm_s - needed_s, "overhead_fraction": (jdm_s - needed_s) / needed_s,
               "generator_adamw_step_s": adamw, "fused_vs_foreach": adamw["foreach"] / adamw["fused"],
               "machine": machine()}

@@ -1,11 +1,18 @@
 """The networks of a profile, randomly initialised: timings depend on shapes, not on weights, so the
-benchmarks run anywhere (CI, a GPU worker without the workspace) on exactly the profile's backbone."""
+benchmarks run anywhere (CI, a GPU worker without the workspace) on exactly the profile's backbone.
+
+`sd15` loads a pretrained pipeline in the stages; here it is SD 1.5's shapes with random weights
+(diffusers' UNet2DConditionModel defaults are SD 1.5's UNet, at 768-d CLIP text states; its
+AutoencoderKL at SD's widths), so a GPU worker times the paper's setting without any download.
+`width_divisor` shrinks every width of that shape, to run its code path on a CPU."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -19,6 +26,8 @@ from jdm.objectives import VPSchedule
 from jdm.training.phases import ControlData
 
 TEXT_DIM, TEXT_TOKENS = 384, 16   # all-MiniLM-L6-v2 token states, text_encoder.max_length
+SD15_TEXT_DIM = 768               # CLIP ViT-L/14 token states (text_encoder.max_length 77 in sd15)
+SD15_UNET_WIDTHS, SD15_VAE_WIDTHS = (320, 640, 1280, 1280), (128, 256, 512, 512)
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -37,29 +46,62 @@ class ProfileNets:
     def to(self, device) -> "ProfileNets":
         """The teacher, data and images on `device` (an accelerator's); new generators copy the teacher."""
         self.teacher.to(device)
+        self.backbone.to(device)
         return replace(self, data=self.data.to(device), images=self.images.to(device))
 
 
-def profile_nets(profile: str, condition: str = "canny", num: int = 256) -> ProfileNets:
+def sd15_shaped(width_divisor: int = 1) -> tuple[torch.nn.Module, Backbone]:
+    """SD 1.5's UNet (latent 4 channels, 64 x 64 at 512 px) and VAE backbone, randomly initialised."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    d = width_divisor
+    unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=SD15_TEXT_DIM // d,
+                                block_out_channels=tuple(w // d for w in SD15_UNET_WIDTHS),
+                                norm_num_groups=32 // d if d > 1 else 32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=tuple(w // d for w in SD15_VAE_WIDTHS), norm_num_groups=32 // d if d > 1 else 32)
+    return unet.eval().requires_grad_(False), Backbone(3, vae)
+
+
+def profile_nets(profile: str, condition: str = "canny", num: int = 256, width_divisor: int = 1) -> ProfileNets:
+    """`num` random images of the profile's size with their condition maps and prompt states, and its
+    networks; `size` is the backbone's resolution (latents for sd15). `width_divisor`: sd15 only."""
     params = profile_params(profile, Path(__file__).parent.parent)
-    if params.teacher.unet is None:
-        raise SystemExit(f"profile {profile!r} loads a pretrained teacher ({params.teacher.pretrained}); "
-                         "the benchmarks build the profile's UNet from teacher.unet (smoke, tiny)")
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    size = params.data.image_size
-    teacher = build_unet(params.teacher.unet, size, 1, TEXT_DIM).eval().requires_grad_(False)
+    image_size = params.data.image_size
+    if params.teacher.unet is not None:
+        backbone, text_dim, tokens, channels = Backbone(1), TEXT_DIM, TEXT_TOKENS, 1
+        teacher = build_unet(params.teacher.unet, image_size, 1, TEXT_DIM).eval().requires_grad_(False)
+    elif profile == "sd15":
+        teacher, backbone = sd15_shaped(width_divisor)
+        text_dim, tokens, channels = SD15_TEXT_DIM // width_divisor, params.text_encoder.max_length, 3
+    else:
+        raise SystemExit(f"profile {profile!r} loads a pretrained teacher ({params.teacher.pretrained}); the benchmarks "
+                         "build the profile's UNet from teacher.unet (smoke, tiny) or SD 1.5's shapes (sd15)")
     noise_scheduler = build_noise_scheduler(params.teacher)
-    images = torch.rand(num, 1, size, size, generator=g)
+    images = torch.rand(num, channels, image_size, image_size, generator=g)
     cond = load_condition(condition, params)
     data = ControlData(cond.extract(images), torch.randint(1, 41, (num,), generator=g),
-                       torch.randn(41, TEXT_TOKENS, TEXT_DIM, generator=g), torch.ones(41, TEXT_TOKENS, dtype=torch.long))
-    return ProfileNets(params, size, teacher, noise_scheduler, VPSchedule.from_scheduler(noise_scheduler), cond,
-                       Backbone(1), data, images)
+                       torch.randn(41, tokens, text_dim, generator=g), torch.ones(41, tokens, dtype=torch.long))
+    return ProfileNets(params, image_size // backbone.factor, teacher, noise_scheduler,
+                       VPSchedule.from_scheduler(noise_scheduler), cond, backbone, data, images)
+
+
+def cpu_model() -> str:
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def machine() -> dict:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+    """Where and when a result was measured: timings of one day and machine compare with each other only."""
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 

@@ -52,7 +52,8 @@ def one_step_sampler(generator: OneStepGenerator, condition_name: str | None, ba
     generator.eval()
 
     def sample(hidden, mask, control, g):
-        z = torch.randn((len(hidden), backbone.channels, size, size), generator=g)
+        # drawn on the CPU whatever the device, so a device changes no sample's noise
+        z = torch.randn((len(hidden), backbone.channels, size, size), generator=g).to(hidden.device)
         controls = {condition_name: control} if condition_name is not None else {}
         return backbone.decode(generator(z, hidden, mask, controls))
     return Sampler(1, sample)
@@ -97,7 +98,9 @@ def latency_ms(sampler: Sampler, hidden: torch.Tensor, mask: torch.Tensor, maps:
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
-        sampler.sample(hidden[i:i + 1], mask[i:i + 1], None if maps is None else maps[i:i + 1], g)
+        image = sampler.sample(hidden[i:i + 1], mask[i:i + 1], None if maps is None else maps[i:i + 1], g)
+        if image.is_cuda:  # kernels run asynchronously: the image is there only when they are done
+            torch.cuda.synchronize(image.device)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times[1:])
 

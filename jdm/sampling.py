@@ -30,7 +30,8 @@ def sample_cfg(unet: UNet2DConditionModel, scheduler_config: dict[str, Any], hid
     scheduler = SAMPLERS[sampler].from_config(scheduler_config)
     scheduler.set_timesteps(steps)
     n = hidden.shape[0]
-    x = torch.randn((n, *shape), generator=generator) * scheduler.init_noise_sigma
+    # the noise is drawn on the CPU whatever the device, so a device changes no sample's noise
+    x = torch.randn((n, *shape), generator=generator).to(hidden.device) * scheduler.init_noise_sigma
     guided = guidance_scale != 1.0
     ctx = torch.cat([hidden, null_hidden.expand_as(hidden)]) if guided else hidden
     ctx_mask = torch.cat([mask, null_mask.expand_as(mask)]) if guided else mask
