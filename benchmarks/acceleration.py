@@ -85,7 +85,8 @@ def main() -> None:
         # the first calls: warm-up, and with a compile backend the compiling
         first = {"teacher": seconds(steps.teacher_step, acc, 1), "jdm": seconds(steps.trainer.step, acc, 1)}
         runs[name] = {"acceleration": acc, "steps": steps, "first_call_s": first, "teacher": [], "jdm": [],
-                      "one_step": one_step_sampler(steps.generator, nets.condition.name, nets.backbone, nets.size),
+                      "one_step": one_step_sampler(steps.generator, nets.condition.name, nets.backbone, nets.size,
+                                                   device=nets.images.device),
                       "inputs": first_rows(nets.data, args.latency_repeats + 1)}
         if cuda:  # this setting's own peak: its networks, optimiser states and one iteration's activations
             runs[name]["peak_memory_gib"] = (torch.cuda.max_memory_allocated() - held) / 2**30

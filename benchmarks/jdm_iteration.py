@@ -52,19 +52,30 @@ class PassTimer:
         forward = module.forward
 
         def timed(*args, **kwargs):
+            sync()
             start = time.perf_counter()
             out = forward(*args, **kwargs)
+            sync()
             self.seconds[name] += time.perf_counter() - start
             self.calls[name] += 1
             return out
         module.forward = timed
 
 
-def seconds_per_call(fn, repeats: int) -> float:
-    fn()  # warm-up
+def sync() -> None:
+    """Wait for the GPU's queued kernels, so the clock reads their time (nothing to wait for on a CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def seconds_per_call(fn, repeats: int, warm_up: bool = True) -> float:
+    if warm_up:
+        fn()
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    sync()
     return (time.perf_counter() - start) / repeats
 
 
@@ -205,8 +216,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="default: the profile's jdm.batch_size")
     ap.add_argument("--fake-steps", type=int, default=None, help="default: the profile's jdm.fake_steps")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--width-divisor", type=int, default=1, help="sd15: SD 1.5's widths divided by this (CPU checks)")
     args = ap.parse_args()
-    nets = profile_nets(args.profile)
+    nets = profile_nets(args.profile, num=max(16, args.batch or 0), width_divisor=args.width_divisor)
+    nets = nets.to("cuda" if torch.cuda.is_available() else "cpu")  # on a GPU worker, the GPU's passes
     p = nets.params.jdm
     args.batch = args.batch or p.batch_size
     fake_steps = args.fake_steps or p.fake_steps
@@ -216,19 +229,11 @@ def main() -> None:
     steps = build_steps(nets, args.batch, fake_steps, g, timer)
     generator, fake, lora, trainer = steps.generator, steps.fake, steps.lora, steps.trainer
 
-    steps.teacher_step()  # warm-up
-    start = time.perf_counter()
-    for _ in range(args.repeats):
-        steps.teacher_step()
-    teacher_s = (time.perf_counter() - start) / args.repeats
-
-    trainer.step()  # warm-up
+    teacher_s = seconds_per_call(steps.teacher_step, args.repeats)
+    trainer.step()  # warm-up, so the timer counts only the timed iterations
     timer.seconds.clear()
     timer.calls.clear()
-    start = time.perf_counter()
-    for _ in range(args.repeats):
-        trainer.step()
-    jdm_s = (time.perf_counter() - start) / args.repeats
+    jdm_s = seconds_per_call(trainer.step, args.repeats, warm_up=False)
     forward = {k: v / args.repeats for k, v in timer.seconds.items()}
     calls = {k: v / args.repeats for k, v in timer.calls.items()}  # before the passes below add theirs
     lo, hi = trainer.t_range
@@ -250,7 +255,8 @@ def main() -> None:
               "generator_adamw_step_s": adamw, "fused_vs_foreach": adamw["foreach"] / adamw["fused"],
               "machine": machine()}
     print(json.dumps(result, indent=2))
-    out = write_result(f"jdm_iteration_{args.profile}_fake{fake_steps}", result)
+    shrunk = f"_widths-over-{args.width_divisor}" if args.width_divisor != 1 else ""
+    out = write_result(f"jdm_iteration_{args.profile}{shrunk}_fake{fake_steps}", result)
     print(f"one JDM iteration = {result['ratio']:.2f} teacher denoising steps (batch {args.batch}, {size}x{size}, "
           f"{fake_steps} fake-score update(s)); its network passes alone take {needed_s:.3f} s of its {jdm_s:.3f} s: "
           f"overhead {100 * result['overhead_fraction']:.1f}%; fused AdamW step "

@@ -43,32 +43,45 @@ SampleFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Gene
 
 @dataclass
 class Sampler:
+    """`sample` runs on `device` (accelerate's, for the evaluation stages): `generate` and `latency_ms`
+    bring its inputs there and its images back to the CPU, where conditions and judges score them."""
     nfe: int
     sample: SampleFn
+    device: torch.device = torch.device("cpu")
 
 
-def one_step_sampler(generator: OneStepGenerator, condition_name: str | None, backbone: Backbone, size: int) -> Sampler:
-    """A one-step generator with the ControlNet of `condition_name` (None: without control)."""
-    generator.eval()
+def one_step_sampler(generator: OneStepGenerator, condition_name: str | None, backbone: Backbone, size: int,
+                     device: torch.device | str = "cpu") -> Sampler:
+    """A one-step generator with the ControlNet of `condition_name` (None: without control), on `device`."""
+    generator.eval().to(device), backbone.to(device)
 
     def sample(hidden, mask, control, g):
         # drawn on the CPU whatever the device, so a device changes no sample's noise
         z = torch.randn((len(hidden), backbone.channels, size, size), generator=g).to(hidden.device)
         controls = {condition_name: control} if condition_name is not None else {}
         return backbone.decode(generator(z, hidden, mask, controls))
-    return Sampler(1, sample)
+    return Sampler(1, sample, torch.device(device))
 
 
 def multi_step_sampler(unet: UNet2DConditionModel, scheduler_config: dict[str, Any], backbone: Backbone, size: int,
                        null: tuple[torch.Tensor, torch.Tensor], *, steps: int, guidance_scale: float, sampler: str,
-                       controlnet: ControlNetModel | None = None) -> Sampler:
-    """The teacher with diffusers' scheduler and CFG, with a ControlNet or without (the FID reference)."""
+                       controlnet: ControlNetModel | None = None, device: torch.device | str = "cpu") -> Sampler:
+    """The teacher with diffusers' scheduler and CFG, with a ControlNet or without (the FID reference), on `device`."""
+    for net in (unet, controlnet, backbone):
+        if net is not None:
+            net.to(device)
+    null = tuple(x.to(device) for x in null)
+
     def sample(hidden, mask, control, g):
         x = sample_cfg(unet, scheduler_config, hidden, mask, null[0], null[1], shape=(backbone.channels, size, size),
                        steps=steps, guidance_scale=guidance_scale, sampler=sampler, generator=g,
                        controlnet=controlnet, control=control if controlnet is not None else None)
         return backbone.decode(x)
-    return Sampler(steps, sample)
+    return Sampler(steps, sample, torch.device(device))
+
+
+def _on(device: torch.device, *tensors: torch.Tensor | None) -> tuple:
+    return tuple(None if x is None else x.to(device) for x in tensors)
 
 
 @torch.no_grad()
@@ -78,7 +91,7 @@ def generate(sampler: Sampler, hidden: torch.Tensor, mask: torch.Tensor, maps: t
     out = []
     for i in progress(range(0, len(hidden), batch_size), f"sampling {len(hidden)} images, NFE {sampler.nfe}"):
         sl = slice(i, i + batch_size)
-        out.append(sampler.sample(hidden[sl], mask[sl], None if maps is None else maps[sl], g))
+        out.append(sampler.sample(*_on(sampler.device, hidden[sl], mask[sl], None if maps is None else maps[sl]), g).cpu())
     return torch.cat(out)
 
 
@@ -98,7 +111,7 @@ def latency_ms(sampler: Sampler, hidden: torch.Tensor, mask: torch.Tensor, maps:
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
-        image = sampler.sample(hidden[i:i + 1], mask[i:i + 1], None if maps is None else maps[i:i + 1], g)
+        image = sampler.sample(*_on(sampler.device, hidden[i:i + 1], mask[i:i + 1], None if maps is None else maps[i:i + 1]), g)
         if image.is_cuda:  # kernels run asynchronously: the image is there only when they are done
             torch.cuda.synchronize(image.device)
         times.append(time.perf_counter() - start)

@@ -54,7 +54,7 @@ class InceptionFeatures(torch.nn.Module):
         pixels = quantise(images.cpu())
         pixels = pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
         resized = np.stack([self.resize(p) for p in pixels.permute(0, 2, 3, 1).numpy()])
-        x = torch.from_numpy(resized).permute(0, 3, 1, 2).to(images.device)
+        x = torch.from_numpy(resized).permute(0, 3, 1, 2).to(next(self.net.parameters()).device)
         feats = self.net((x - 128) / 128)
         return feats.flatten(2).mean(-1) if feats.ndim > 2 else feats
 

@@ -70,7 +70,10 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, eval_images: to
 
 @torch.no_grad()
 def predict(model: Classifier, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    return torch.cat([model(images[i:i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
+    """The class of each image, computed on the model's device, returned on the images' device."""
+    device = next(model.parameters()).device
+    return torch.cat([model(images[i:i + batch_size].to(device)).argmax(1).to(images.device)
+                      for i in range(0, len(images), batch_size)])
 
 
 def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> float:

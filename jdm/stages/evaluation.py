@@ -46,25 +46,35 @@ def held_out_images(params: Params, prepared: jdata.PreparedData) -> torch.Tenso
     return prepared.split("eval").pixels(slice(0, params.evaluation.control_samples))
 
 
-def _feature_nets(params: Params, classifier) -> dict:
-    """The feature spaces FID and KID are computed in: the classifier's, and Inception's when on."""
+def evaluation_device(params: Params) -> torch.device:
+    """Where the evaluation stages sample and compute features: accelerate's device (a GPU where there
+    is one). Noise is drawn on the CPU and images come back to it, so the device changes no draw, and
+    conditions and judges (a plugin's too) score on the CPU as they always have."""
+    from ..training.accel import make_accelerator
+
+    return make_accelerator(params.acceleration).device
+
+
+def _feature_nets(params: Params, classifier, device: torch.device) -> dict:
+    """The feature spaces FID and KID are computed in, on `device`: the classifier's, and Inception's when on."""
     from ..metrics import ClassifierFeatures, InceptionFeatures
 
     nets = {"classifier": ClassifierFeatures(classifier)}
     if params.evaluation.inception_fid:
         nets["inception"] = InceptionFeatures()
-    return nets
+    return {name: net.to(device) for name, net in nets.items()}
 
 
-def spaces_of(params: Params, classifier: Classifier, reference: torch.Tensor) -> dict:
+def spaces_of(params: Params, classifier: Classifier, reference: torch.Tensor, device: torch.device) -> dict:
     """Each feature space with the features of `reference` (images in [0,1])."""
     from ..evaluation import FeatureSpace
     from ..metrics import features
 
-    return {name: FeatureSpace(net, features(net, reference)) for name, net in _feature_nets(params, classifier).items()}
+    return {name: FeatureSpace(net, features(net, reference))
+            for name, net in _feature_nets(params, classifier, device).items()}
 
 
-def _saved_spaces(params: Params, classifier) -> dict:
+def _saved_spaces(params: Params, classifier, device: torch.device) -> dict:
     """Each feature space with the table's reference features, as the reference stage saved them."""
     from ..errors import UserError
     from ..evaluation import FeatureSpace
@@ -72,7 +82,7 @@ def _saved_spaces(params: Params, classifier) -> dict:
 
     path = REFERENCE / "features.safetensors"
     saved = load_tensors(path)
-    nets = _feature_nets(params, classifier)
+    nets = _feature_nets(params, classifier, device)
     missing = [name for name in nets if name not in saved]
     if missing:
         raise UserError(f"{path} has no {', '.join(missing)} features (it has {', '.join(saved) or 'none'}): "
@@ -80,7 +90,7 @@ def _saved_spaces(params: Params, classifier) -> dict:
     return {name: FeatureSpace(net, saved[name].numpy()) for name, net in nets.items()}
 
 
-def teacher_sampler(params: Params, backbone: Backbone, null: tuple[torch.Tensor, torch.Tensor],
+def teacher_sampler(params: Params, backbone: Backbone, null: tuple[torch.Tensor, torch.Tensor], device: torch.device,
                     controlnet: ControlNetModel | None = None) -> Sampler:
     from ..evaluation import multi_step_sampler
     from ..models.teacher import load_teacher
@@ -89,7 +99,7 @@ def teacher_sampler(params: Params, backbone: Backbone, null: tuple[torch.Tensor
     unet, noise_scheduler = load_teacher(TEACHER)
     return multi_step_sampler(unet, noise_scheduler.config, backbone, params.data.image_size // backbone.factor, null,
                               steps=e.num_inference_steps, guidance_scale=e.guidance_scale, sampler=e.sampler,
-                              controlnet=controlnet)
+                              controlnet=controlnet, device=device)
 
 
 def run_evaluate_teacher(params: Params) -> None:
@@ -104,10 +114,13 @@ def run_evaluate_teacher(params: Params) -> None:
     e = params.evaluation
     prepared = jdata.PreparedData.load(PREPARED)
     classifier = load_classifier(ANNOTATORS / "classifier")
+    device = evaluation_device(params)
+    classifier.to(device)
     with stage_run("evaluate-teacher", params.profile, section(params, "evaluation")) as mlflow:
         unet, noise_scheduler = load_teacher(TEACHER)
         backbone = build_backbone(params)
-        hidden_table, mask_table = prepared.embeddings()
+        unet.to(device), backbone.to(device)
+        hidden_table, mask_table = (x.to(device) for x in prepared.embeddings())
         g = torch.Generator().manual_seed(params.seed)
         pid, classes = jdata.scoring_prompts(prepared, params.data, e.num_samples, g)
         size = params.data.image_size // backbone.factor
@@ -118,11 +131,11 @@ def run_evaluate_teacher(params: Params) -> None:
             x = sample_cfg(unet, noise_scheduler.config, hidden_table[pid[sl]], mask_table[pid[sl]],
                            hidden_table[:1], mask_table[:1], shape=(backbone.channels, size, size),
                            steps=e.num_inference_steps, guidance_scale=e.guidance_scale, sampler=e.sampler, generator=g)
-            samples.append(backbone.decode(x))
+            samples.append(backbone.decode(x).cpu())
         samples = torch.cat(samples)
         sample_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        spaces = spaces_of(params, classifier, prepared.split("test").pixels(slice(0, e.fid_reference)))
+        spaces = spaces_of(params, classifier, prepared.split("test").pixels(slice(0, e.fid_reference)), device)
         metrics = {"nfe": e.num_inference_steps * (2 if e.guidance_scale != 1.0 else 1), "sample_seconds": sample_seconds,
                    **score_samples(samples, spaces, {"prompt_accuracy": prompt_hits(classifier, samples, classes).float()},
                                    resamples=e.bootstrap_resamples, seed=params.seed)}
@@ -146,12 +159,13 @@ def run_reference(params: Params) -> None:
     hidden, mask, _, _, null = held_out_prompts(params, prepared)
     backbone = build_backbone(params)
     classifier = load_classifier(ANNOTATORS / "classifier")
+    device = evaluation_device(params)
     with stage_run("reference", params.profile, section(params, "evaluation")) as mlflow:
         start = time.perf_counter()
-        samples = reference_samples(teacher_sampler(params, backbone, null), hidden, mask,
+        samples = reference_samples(teacher_sampler(params, backbone, null, device), hidden, mask,
                                     batch_size=params.evaluation.batch_size, seed=params.seed)
         sample_seconds = time.perf_counter() - start
-        spaces = spaces_of(params, classifier, samples)
+        spaces = spaces_of(params, classifier, samples, device)
         with atomic_dir(REFERENCE) as out:
             save_tensors({name: torch.from_numpy(space.reference) for name, space in spaces.items()},
                          out / "features.safetensors")
@@ -163,20 +177,20 @@ def run_reference(params: Params) -> None:
         log.info(f"reference: {json.dumps(metrics)}")
 
 
-def _method_sampler(params: Params, method: str, name: str, backbone, null):
+def _method_sampler(params: Params, method: str, name: str, backbone, null, device: torch.device):
     from ..evaluation import one_step_sampler
     from ..pipeline import load_controlnet, load_generator
 
     generator_root, controlnet_root = METHODS[method]
     path = controlnet_root / f"controlnet-{condition_slug(name)}"
     if generator_root is None:
-        return teacher_sampler(params, backbone, null, controlnet=load_controlnet(path)[1])
+        return teacher_sampler(params, backbone, null, device, controlnet=load_controlnet(path)[1])
     generator, _, _ = load_generator(generator_root / "generator", primary=True)
     # the method's own ControlNet, unless it is the generator's primary one (the warm-up condition's row of
     # JDM and w/o modelling); on the DI generator, which has none, every row loads its own
     if controlnet_root != generator_root or name not in generator.names:
         generator, _, _ = load_generator(generator_root / "generator", {name: path}, primary=False)
-    return one_step_sampler(generator, name, backbone, params.data.image_size // backbone.factor)
+    return one_step_sampler(generator, name, backbone, params.data.image_size // backbone.factor, device)
 
 
 def run_evaluate(params: Params, methods: list[str], name: str) -> None:
@@ -200,7 +214,9 @@ def run_evaluate(params: Params, methods: list[str], name: str) -> None:
     hidden, mask, classes, maps, null = held_out_prompts(params, prepared, name)
     backbone = build_backbone(params)
     classifier = load_classifier(ANNOTATORS / "classifier")
-    spaces = _saved_spaces(params, classifier)
+    device = evaluation_device(params)
+    classifier.to(device)
+    spaces = _saved_spaces(params, classifier, device)
     judge = load_judge(name, params, MODELS)
     real = held_out_images(params, prepared) if judge is not None else None
     slug = condition_slug(name)
@@ -208,7 +224,7 @@ def run_evaluate(params: Params, methods: list[str], name: str) -> None:
     with stage_run("evaluation", params.profile, section(params, "evaluation"), condition=name,
                    tags={"methods": ",".join(methods)}):
         for method in methods:
-            sampler = _method_sampler(params, method, name, backbone, null)
+            sampler = _method_sampler(params, method, name, backbone, null, device)
             with stage_run("evaluate", params.profile, section(params, "evaluation"), condition=name,
                            tags={"method": method}) as mlflow:
                 start = time.perf_counter()

@@ -18,7 +18,7 @@ from ..training.checkpoint import remove_checkpoint
 from ..variants import TEXT_ROWS, TEXT_TO_IMAGE_VARIANTS, VARIANTS, text_to_image_overrides
 from .common import (ANNOTATORS, CHECKPOINTS, METRICS, MODELS, PREPARED, SAMPLES, SAMPLES_SHOWN, TEACHER,
                      checkpoint_spec, logger, section, setup)
-from .evaluation import spaces_of, teacher_sampler
+from .evaluation import evaluation_device, spaces_of, teacher_sampler
 
 log = logging.getLogger(__name__)
 
@@ -249,9 +249,11 @@ def run_evaluate_text_to_image(params: Params, methods: list[str]) -> None:
     hidden, mask, null = hidden_table[pid], mask_table[pid], (hidden_table[:1], mask_table[:1])
     backbone = build_backbone(params)
     classifier = load_classifier(ANNOTATORS / "classifier")
+    device = evaluation_device(params)
+    classifier.to(device)
     rewards = {f"reward_{which}": load_reward(REWARDS / which) for which in ("heldout", "train")}
     reference = prepared.split("test").pixels(slice(0, e.fid_reference))
-    spaces = spaces_of(params, classifier, reference)
+    spaces = spaces_of(params, classifier, reference, device)
     size = params.data.image_size // backbone.factor
     with torch.no_grad():  # the scale of each reward: real test images, the same for every row
         real = {f"{name}_real": reward(reference).mean().item() for name, reward in rewards.items()}
@@ -259,10 +261,10 @@ def run_evaluate_text_to_image(params: Params, methods: list[str]) -> None:
                    tags={"methods": ",".join(methods)}):  # the parent of one nested run per method
         for method in methods:
             if method == "teacher":
-                sampler = teacher_sampler(params, backbone, null)
+                sampler = teacher_sampler(params, backbone, null, device)
             else:
                 generator = load_generator(TEXT_TO_IMAGE / method / "generator", primary=False)[0]
-                sampler = one_step_sampler(generator, None, backbone, size)
+                sampler = one_step_sampler(generator, None, backbone, size, device)
             with stage_run("evaluate", params.profile, section(params, "evaluation"), condition="text",
                            tags={"method": method}) as mlflow:
                 start = time.perf_counter()

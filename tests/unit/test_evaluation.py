@@ -162,6 +162,51 @@ def test_samplers_are_seeded_and_count_their_evaluations(teacher):
     assert all(0 < latency_ms(s, hidden, mask, None, repeats=2) < float("inf") for s in (one, multi))
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # CI has the CPU; a GPU worker both
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampling_and_features_on_a_device_match_the_cpu(teacher, device):
+    """The evaluation stages sample and compute features on accelerate's device: noise is drawn on the
+    CPU and images come back to it, so on any device the samples, their features and the classifier's
+    predictions are the CPU's up to float rounding (on the CPU itself: bit for bit)."""
+    import copy
+
+    from jdm.annotators.classifier import predict
+
+    unet, noise_scheduler = teacher
+    hidden, mask = text(6)
+    maps = images(6, 3)
+    controlnet = controlnet_from_unet(unet, 1, 1)
+    with torch.no_grad():  # zero convolutions would hide a control that reached the wrong device
+        for name, q in controlnet.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                q.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    schedule = VPSchedule.from_scheduler(noise_scheduler)
+
+    def samplers(on):
+        u, c = copy.deepcopy(unet), copy.deepcopy(controlnet)
+        return (one_step_sampler(OneStepGenerator(u, {"canny": c}, schedule, 950), "canny", Backbone(1), 16, on),
+                multi_step_sampler(u, noise_scheduler.config, Backbone(1), 16, text(1, 9), steps=3, guidance_scale=2.0,
+                                   sampler="ddim", controlnet=c, device=on))
+    net, classifier = PixelFeatures(), torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 10))
+    for on_cpu, on_device in zip(samplers("cpu"), samplers(device)):
+        assert on_device.device == torch.device(device) and next(net.parameters()).device.type == "cpu"
+        a = generate(on_cpu, hidden, mask, maps, batch_size=4, seed=5)
+        b = generate(on_device, hidden, mask, maps, batch_size=4, seed=5)
+        # a GPU's convolutions run in TF32 by default (10-bit mantissas): measured 3.4e-3 at most on an H200
+        assert b.device.type == "cpu" and torch.allclose(a, b, atol=1e-4 if device == "cpu" else 1e-2), (a - b).abs().max()
+        blank = generate(on_cpu, hidden, mask, torch.zeros_like(maps), batch_size=4, seed=5)
+        assert not torch.equal(a, blank)  # the control matters, so the test can fail
+        feats_cpu = features(net, a)
+        feats_device = features(copy.deepcopy(net).to(device), a)
+        assert np.allclose(feats_cpu, feats_device, atol=1e-4 if device == "cpu" else 1e-2)
+        assert torch.equal(predict(classifier, a), predict(copy.deepcopy(classifier).to(device), a))
+        assert 0 < latency_ms(on_device, hidden, mask, maps, repeats=1) < float("inf")
+        if device == "cpu":
+            assert torch.equal(a, b)
+
+
 def test_score_gives_every_number_its_interval(smoke_params, tmp_path, monkeypatch):
     canny = load_condition("canny", smoke_params, tmp_path)
     net = PixelFeatures()
