@@ -32,10 +32,10 @@ def images_per_second(sampler, hidden, mask, maps, repeats: int, grad_mode) -> f
     """Throughput over `repeats` batches after one warm-up batch, under `grad_mode` (a context)."""
     g = torch.Generator().manual_seed(0)
     with grad_mode():
-        sampler.sample(hidden, mask, maps, g)
+        sampler(hidden, mask, maps, sampler.noise(len(hidden), g))
         start = time.perf_counter()
         for _ in range(repeats):
-            sampler.sample(hidden, mask, maps, g)
+            sampler(hidden, mask, maps, sampler.noise(len(hidden), g))
     return repeats * len(hidden) / (time.perf_counter() - start)
 
 

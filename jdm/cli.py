@@ -23,9 +23,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # 
 STAGES = ("data", "annotator", "judge", "conditions", "teacher", "evaluate-teacher", "warmup", "extend", "controlnet",
           "reference")
 
-# the commands that train data-parallel under `accelerate launch` (docs/operations.md, "Several processes"),
-# and the variable that makes them launch themselves so (a GPU work pool's job environment sets it)
-DATA_PARALLEL = ("teacher", "controlnet", "warmup", "extend", "baseline", "text-to-image")
+# the commands that train (or sample) data-parallel under `accelerate launch` (docs/operations.md, "Several
+# processes"), and the variable that makes them launch themselves so (a GPU work pool's job environment sets it)
+DATA_PARALLEL = ("teacher", "controlnet", "warmup", "extend", "baseline", "text-to-image", "reference", "evaluate")
 LAUNCH_CONFIG = "JDM_ACCELERATE_CONFIG"
 
 

@@ -29,6 +29,7 @@ from .metrics import bootstrap, consistency_per_sample, features, fid, fid_resam
 from .models.backbone import Backbone
 from .progress import progress
 from .sampling import sample_cfg
+from .training.parallel import Shard
 
 if TYPE_CHECKING:
     from diffusers import ControlNetModel, UNet2DConditionModel
@@ -37,17 +38,26 @@ if TYPE_CHECKING:
     from .conditions import Condition
     from .models.generator import OneStepGenerator
 
-# sample(hidden, mask, control or None, rng) -> pixels in [0,1]
-SampleFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Generator], torch.Tensor]
+# sample(hidden, mask, control or None, noise) -> pixels in [0,1], all on the sampler's device
+SampleFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class Sampler:
-    """`sample` runs on `device` (accelerate's, for the evaluation stages): `generate` and `latency_ms`
-    bring its inputs there and its images back to the CPU, where conditions and judges score them."""
+    """`sample` runs on `device` (accelerate's, for the evaluation stages) from the backbone noise
+    `noise_shape` per image, which `generate` and `latency_ms` draw on the CPU (a device changes no
+    draw), bringing the inputs to the device and the images back to the CPU, where conditions and
+    judges score them."""
     nfe: int
     sample: SampleFn
+    noise_shape: tuple[int, ...]
     device: torch.device = torch.device("cpu")
+
+    def noise(self, n: int, g: torch.Generator) -> torch.Tensor:
+        return torch.randn((n, *self.noise_shape), generator=g)
+
+    def __call__(self, hidden, mask, control, noise) -> torch.Tensor:
+        return self.sample(*(None if x is None else x.to(self.device) for x in (hidden, mask, control, noise)))
 
 
 def one_step_sampler(generator: OneStepGenerator, condition_name: str | None, backbone: Backbone, size: int,
@@ -55,12 +65,10 @@ def one_step_sampler(generator: OneStepGenerator, condition_name: str | None, ba
     """A one-step generator with the ControlNet of `condition_name` (None: without control), on `device`."""
     generator.eval().to(device), backbone.to(device)
 
-    def sample(hidden, mask, control, g):
-        # drawn on the CPU whatever the device, so a device changes no sample's noise
-        z = torch.randn((len(hidden), backbone.channels, size, size), generator=g).to(hidden.device)
+    def sample(hidden, mask, control, z):
         controls = {condition_name: control} if condition_name is not None else {}
         return backbone.decode(generator(z, hidden, mask, controls))
-    return Sampler(1, sample, torch.device(device))
+    return Sampler(1, sample, (backbone.channels, size, size), torch.device(device))
 
 
 def multi_step_sampler(unet: UNet2DConditionModel, scheduler_config: dict[str, Any], backbone: Backbone, size: int,
@@ -71,36 +79,43 @@ def multi_step_sampler(unet: UNet2DConditionModel, scheduler_config: dict[str, A
         if net is not None:
             net.to(device)
     null = tuple(x.to(device) for x in null)
+    shape = (backbone.channels, size, size)
 
-    def sample(hidden, mask, control, g):
-        x = sample_cfg(unet, scheduler_config, hidden, mask, null[0], null[1], shape=(backbone.channels, size, size),
-                       steps=steps, guidance_scale=guidance_scale, sampler=sampler, generator=g,
+    def sample(hidden, mask, control, noise):
+        x = sample_cfg(unet, scheduler_config, hidden, mask, null[0], null[1], shape=shape, steps=steps,
+                       guidance_scale=guidance_scale, sampler=sampler, noise=noise,
                        controlnet=controlnet, control=control if controlnet is not None else None)
         return backbone.decode(x)
-    return Sampler(steps, sample, torch.device(device))
-
-
-def _on(device: torch.device, *tensors: torch.Tensor | None) -> tuple:
-    return tuple(None if x is None else x.to(device) for x in tensors)
+    return Sampler(steps, sample, shape, torch.device(device))
 
 
 @torch.no_grad()
 def generate(sampler: Sampler, hidden: torch.Tensor, mask: torch.Tensor, maps: torch.Tensor | None, *,
-             batch_size: int, seed: int) -> torch.Tensor:
+             batch_size: int, seed: int, shard: Shard = Shard()) -> torch.Tensor:
+    """Samples for every row, batch by batch, from the noise stream of `seed`. Under `accelerate launch`
+    (`shard` of N processes) process k samples batches k, k + N, ... and every process gets all the
+    images back, in order: each process draws every batch's noise, so the images are the ones a single
+    process samples, batch for batch."""
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in progress(range(0, len(hidden), batch_size), f"sampling {len(hidden)} images, NFE {sampler.nfe}"):
+    mine = {}
+    for b, i in enumerate(progress(range(0, len(hidden), batch_size), f"sampling {len(hidden)} images, NFE {sampler.nfe}")):
         sl = slice(i, i + batch_size)
-        out.append(sampler.sample(*_on(sampler.device, hidden[sl], mask[sl], None if maps is None else maps[sl]), g).cpu())
-    return torch.cat(out)
+        noise = sampler.noise(len(hidden[sl]), g)
+        if b % shard.count == shard.index:
+            mine[b] = sampler(hidden[sl], mask[sl], None if maps is None else maps[sl], noise).cpu()
+    if shard.count > 1:
+        from accelerate.utils import gather_object
+
+        mine = {b: images for part in gather_object([mine]) for b, images in part.items()}
+    return torch.cat([mine[b] for b in sorted(mine)])
 
 
 def reference_samples(teacher: Sampler, hidden: torch.Tensor, mask: torch.Tensor, *, batch_size: int,
-                      seed: int) -> torch.Tensor:
+                      seed: int, shard: Shard = Shard()) -> torch.Tensor:
     """The teacher without control for the held-out prompts. Its noise is independent of the methods'
     (they sample with `seed`): a method that kept the teacher's mapping from noise to image would
     otherwise match its reference image for image and score a FID near 0."""
-    return generate(teacher, hidden, mask, None, batch_size=batch_size, seed=seed + 1)
+    return generate(teacher, hidden, mask, None, batch_size=batch_size, seed=seed + 1, shard=shard)
 
 
 @torch.no_grad()
@@ -111,7 +126,7 @@ def latency_ms(sampler: Sampler, hidden: torch.Tensor, mask: torch.Tensor, maps:
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
-        image = sampler.sample(*_on(sampler.device, hidden[i:i + 1], mask[i:i + 1], None if maps is None else maps[i:i + 1]), g)
+        image = sampler(hidden[i:i + 1], mask[i:i + 1], None if maps is None else maps[i:i + 1], sampler.noise(1, g))
         if image.is_cuda:  # kernels run asynchronously: the image is there only when they are done
             torch.cuda.synchronize(image.device)
         times.append(time.perf_counter() - start)

@@ -21,17 +21,19 @@ SAMPLERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler}
 def sample_cfg(unet: UNet2DConditionModel, scheduler_config: dict[str, Any], hidden: torch.Tensor, mask: torch.Tensor,
                null_hidden: torch.Tensor, null_mask: torch.Tensor, *, shape: tuple[int, ...], steps: int,
                guidance_scale: float, sampler: str = "ddim", generator: torch.Generator | None = None,
-               controlnet: ControlNetModel | None = None, control: torch.Tensor | None = None,
-               conditioning_scale: float = 1.0) -> torch.Tensor:
-    """Backbone samples [N,*shape] from noise; conditional and unconditional halves share one batched pass.
+               noise: torch.Tensor | None = None, controlnet: ControlNetModel | None = None,
+               control: torch.Tensor | None = None, conditioning_scale: float = 1.0) -> torch.Tensor:
+    """Backbone samples [N,*shape] from `noise` (else drawn from `generator`); conditional and
+    unconditional halves share one batched pass.
 
     With `controlnet` and `control` ([N,C,H,W] in [0,1]) the ControlNet residuals are added to both halves.
     """
     scheduler = SAMPLERS[sampler].from_config(scheduler_config)
     scheduler.set_timesteps(steps)
     n = hidden.shape[0]
-    # the noise is drawn on the CPU whatever the device, so a device changes no sample's noise
-    x = torch.randn((n, *shape), generator=generator).to(hidden.device) * scheduler.init_noise_sigma
+    if noise is None:  # drawn on the CPU whatever the device, so a device changes no sample's noise
+        noise = torch.randn((n, *shape), generator=generator)
+    x = noise.to(hidden.device) * scheduler.init_noise_sigma
     guided = guidance_scale != 1.0
     ctx = torch.cat([hidden, null_hidden.expand_as(hidden)]) if guided else hidden
     ctx_mask = torch.cat([mask, null_mask.expand_as(mask)]) if guided else mask

@@ -46,6 +46,15 @@ def held_out_images(params: Params, prepared: jdata.PreparedData) -> torch.Tenso
     return prepared.split("eval").pixels(slice(0, params.evaluation.control_samples))
 
 
+def process_shard():
+    """This process's share of the sampling: all of it, or under `accelerate launch` every N-th batch
+    (jdm/evaluation.py `generate`; the main process alone scores and records)."""
+    from ..training.parallel import Shard, process_state
+
+    state = process_state()
+    return state, Shard(state.process_index, state.num_processes)
+
+
 def evaluation_device(params: Params) -> torch.device:
     """Where the evaluation stages sample and compute features: accelerate's device (a GPU where there
     is one). Noise is drawn on the CPU and images come back to it, so the device changes no draw, and
@@ -160,10 +169,17 @@ def run_reference(params: Params) -> None:
     backbone = build_backbone(params)
     classifier = load_classifier(ANNOTATORS / "classifier")
     device = evaluation_device(params)
+    state, shard = process_shard()
+
+    def sample():
+        return reference_samples(teacher_sampler(params, backbone, null, device), hidden, mask,
+                                 batch_size=params.evaluation.batch_size, seed=params.seed, shard=shard)
+    if not state.is_main_process:
+        sample()
+        return
     with stage_run("reference", params.profile, section(params, "evaluation")) as mlflow:
         start = time.perf_counter()
-        samples = reference_samples(teacher_sampler(params, backbone, null, device), hidden, mask,
-                                    batch_size=params.evaluation.batch_size, seed=params.seed)
+        samples = sample()
         sample_seconds = time.perf_counter() - start
         spaces = spaces_of(params, classifier, samples, device)
         with atomic_dir(REFERENCE) as out:
@@ -172,7 +188,7 @@ def run_reference(params: Params) -> None:
             save_tensors({"samples": (samples * 255).round().to(torch.uint8)}, out / "samples.safetensors")
         metrics = {"num_samples": len(samples), "sample_seconds": sample_seconds,
                    "feature_seconds": time.perf_counter() - start - sample_seconds}
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics({**metrics, "num_processes": state.num_processes})
         mlflow.log_image(image_grid(samples[:64]), "reference_samples.png")
         log.info(f"reference: {json.dumps(metrics)}")
 
@@ -220,22 +236,31 @@ def run_evaluate(params: Params, methods: list[str], name: str) -> None:
     judge = load_judge(name, params, MODELS)
     real = held_out_images(params, prepared) if judge is not None else None
     slug = condition_slug(name)
+    state, shard = process_shard()
+
+    def sample(method: str):
+        sampler = _method_sampler(params, method, name, backbone, null, device)
+        return sampler, generate(sampler, hidden, mask, maps, batch_size=params.evaluation.batch_size, seed=params.seed,
+                                 shard=shard)
+    if not state.is_main_process:  # under `accelerate launch`: sample beside the main process, which scores
+        for method in methods:
+            sample(method)
+        return
     # one parent run per condition, a nested run per method: the MLflow UI groups a condition's rows
     with stage_run("evaluation", params.profile, section(params, "evaluation"), condition=name,
                    tags={"methods": ",".join(methods)}):
         for method in methods:
-            sampler = _method_sampler(params, method, name, backbone, null, device)
             with stage_run("evaluate", params.profile, section(params, "evaluation"), condition=name,
                            tags={"method": method}) as mlflow:
                 start = time.perf_counter()
-                samples = generate(sampler, hidden, mask, maps, batch_size=params.evaluation.batch_size, seed=params.seed)
+                sampler, samples = sample(method)
                 sample_seconds = time.perf_counter() - start
                 metrics = {"nfe": sampler.nfe, "sample_seconds": sample_seconds,
                            "latency_ms": latency_ms(sampler, hidden, mask, maps, params.evaluation.latency_repeats),
                            **score(samples, maps, classes, condition, classifier, spaces,
                                    resamples=params.evaluation.bootstrap_resamples, seed=params.seed,
                                    judge=judge, real=real)}
-                mlflow.log_metrics(metrics)
+                mlflow.log_metrics({**metrics, "num_processes": state.num_processes})
                 grid = image_grid(samples[:SAMPLES_SHOWN], nrow=SAMPLES_SHOWN)  # make_grid turns gray into RGB
                 mlflow.log_image(grid, f"{method}_{slug}_samples.png")
                 SAMPLES.mkdir(parents=True, exist_ok=True)

@@ -78,3 +78,46 @@ def test_jdm_phases_on_two_processes_train_what_one_process_trains(smoke_workspa
     assert sorted(finished) == ["extend", "warmup"] and len(new) == 3  # and the killed warm-up's run, not finished
     assert all(r.data.metrics["num_processes"] == 2 for r in finished.values())
     assert not (work / "checkpoints/warmup").exists() and not (work / "checkpoints/extend-hed").exists()
+
+
+@pytest.mark.e2e
+def test_an_evaluation_on_two_processes_writes_what_one_process_writes(smoke_workspace, tmp_path):
+    """`jdm reference` and `jdm evaluate` launched on two processes (as a GPU work pool launches them):
+    each process samples every other batch from the one noise stream, the main process scores all of
+    them, so the reference features and every metric but the timings equal a one-process run's."""
+    import json
+
+    from mlflow import MlflowClient
+
+    work = smoke_workspace
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("jdm").experiment_id
+    # several batches, so both processes sample; a thread each, as the launched processes take
+    params = params_file(work, "eval.yaml", threads=1, evaluation={"batch_size": 8})
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    outputs = {}
+    for processes, extra in (("one", {}), ("two", {"JDM_ACCELERATE_CONFIG": str(REPO / "infra/accelerate/cpu_2proc.yaml")})):
+        before = {r.info.run_id for r in client.search_runs([experiment])}
+        for command in (["reference"], ["evaluate", "hed", "--methods", "jdm,controlnet-50"]):
+            run(["jdm", "--params", params, *command], work, env={**env, **extra})
+        new = [r for r in client.search_runs([experiment]) if r.info.run_id not in before]
+        recorded = sorted((r.data.tags["stage"], r.data.metrics.get("num_processes")) for r in new
+                          if r.data.tags["stage"] in ("reference", "evaluate"))
+        count = 2 if extra else 1  # the main process alone records, once per stage and method
+        assert recorded == [("evaluate", count), ("evaluate", count), ("reference", count)], recorded
+        outputs[processes] = {
+            "reference": load_file(work / "data/reference/features.safetensors"),
+            **{m: json.loads((work / f"metrics/eval/{m}-hed.json").read_text()) for m in ("jdm", "controlnet-50")}}
+    one, two = outputs["one"], outputs["two"]
+    assert one["reference"].keys() == two["reference"].keys()
+    assert all(torch.equal(one["reference"][k], two["reference"][k]) for k in one["reference"])
+    timings = {"sample_seconds", "latency_ms"}
+    for method in ("jdm", "controlnet-50"):
+        assert one[method]["num_samples"] > params_batch(work, params)  # more than one batch: both processes sampled
+        assert {k: v for k, v in one[method].items() if k not in timings} == \
+            {k: v for k, v in two[method].items() if k not in timings}, method
+
+
+def params_batch(work, name):
+    import yaml
+    return yaml.safe_load((work / name).read_text())["evaluation"]["batch_size"]
