@@ -22,11 +22,13 @@ from .common import (ANNOTATORS, METRICS, MODELS, PREPARED, REFERENCE, SAMPLES, 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from accelerate import PartialState
     from diffusers import ControlNetModel
 
     from ..annotators.classifier import Classifier
     from ..evaluation import Sampler
     from ..models.backbone import Backbone
+    from ..training.parallel import Shard
 
 
 def held_out_prompts(params: Params, prepared: jdata.PreparedData, name: str | None = None
@@ -46,9 +48,9 @@ def held_out_images(params: Params, prepared: jdata.PreparedData) -> torch.Tenso
     return prepared.split("eval").pixels(slice(0, params.evaluation.control_samples))
 
 
-def process_shard():
-    """This process's share of the sampling: all of it, or under `accelerate launch` every N-th batch
-    (jdm/evaluation.py `generate`; the main process alone scores and records)."""
+def process_shard() -> tuple[PartialState, Shard]:
+    """accelerate's view of this process, and its share of the sampling: all of it, or under `accelerate
+    launch` every N-th batch (jdm/evaluation.py `generate`; the main process alone scores and records)."""
     from ..training.parallel import Shard, process_state
 
     state = process_state()
