@@ -62,7 +62,11 @@ def evaluation_device(params: Params) -> torch.device:
     is one). Noise is drawn on the CPU and images come back to it, so the device changes no draw, and
     conditions and judges (a plugin's too) score on the CPU as they always have."""
     from ..training.accel import make_accelerator
+    from ..training.parallel import process_state
 
+    # first, as the training stages do: under `accelerate launch` on a machine without a GPU the process
+    # group is gloo's, which an Accelerator made first would not start (each process would run alone)
+    process_state()
     return make_accelerator(params.acceleration).device
 
 
