@@ -17,7 +17,7 @@ from .errors import UserError  # noqa: E402
 from .config import PROFILES, ParamsError, load_params  # noqa: E402
 from .profiles import profile_params, profile_path, render_profile, seed_params  # noqa: E402
 from .training.errors import TrainingStopped  # noqa: E402
-from .variants import TRAINED_BASELINES  # noqa: E402
+from .variants import METHODS, TRAINED_BASELINES  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what `jdm sample --out` writes
 STAGES = ("data", "annotator", "judge", "conditions", "teacher", "evaluate-teacher", "warmup", "extend", "controlnet",
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score methods on one condition for the comparison table")
     p.add_argument("name", help="the condition")
     p.add_argument("--methods", default="jdm,controlnet-50",
-                   help="comma-separated: jdm, controlnet-50, di-controlnet, denoising, implicit, wo-warmup, wo-modelling")
+                   help="comma-separated: " + ", ".join(METHODS))
     p.set_defaults(func=cmd_stage)
     p = sub.add_parser("report", help="write the comparison table and sample grids (Markdown and HTML)")
     p.add_argument("--methods", default="jdm,controlnet-50")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .conditions import condition_slug
 from .variants import LABELS, TEXT_LABELS
 
 # SD 1.5 at 512 px, FID / consistency. NCT (arXiv 2506.19741, Table 1) re-implements JDM and the
@@ -126,10 +127,12 @@ def write_report(rows: list[dict], methods: list[str], conditions: list[str], pi
     esc = html.escape
     table = _html_table(HEADER, cells)
     grids = []
+    rowed = {(r["method"], condition_slug(r["condition"])) for r in rows}  # a method may lack a condition's row
     for c in conditions:
         figure = [f"<h3>{esc(c)}</h3><table class='grid'>"]
         for label, src in ([("control map", f"maps-{c}.png"), ("teacher, no control", "teacher.png")]
-                           + [(LABELS.get(m, m), _sample_link(samples_dir, out, f"{m}-{c}.png")) for m in methods]):
+                           + [(LABELS.get(m, m), _sample_link(samples_dir, out, f"{m}-{c}.png"))
+                              for m in methods if (m, c) in rowed]):
             figure.append(f"<tr><th>{esc(label)}</th><td><img src='{esc(src)}' alt='{esc(label)} {esc(c)}'></td></tr>")
         figure.append("</table>")
         grids.append("".join(figure))

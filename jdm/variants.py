@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
+
 MODELS = Path("models")
 JDM_MODELS = MODELS / "jdm"
 BASELINES = MODELS / "baselines"
@@ -30,6 +32,7 @@ class Variant:
     overrides: tuple = ()           # jdm params changed, (key, value) pairs
     with_controlnet: bool = True
     own_warmup: bool = False
+    on_warmup_condition: bool = True  # False: no row on the warm-up's condition (see `full-range`)
 
 
 VARIANTS = {
@@ -45,6 +48,12 @@ VARIANTS = {
     # both phases: its own warm-up too, so no row of it inherits a generator trained with the modelling
     "wo-modelling": Variant("wo-modelling", BASELINES / "wo-modelling", source=BASELINES / "wo-modelling",
                             overrides=(("condition_on_x", True),), own_warmup=True),
+    # the paper's Eq. 5 at every t: JDM's extension with the condition term over the whole distillation
+    # range (condition_t_max null) instead of t <= condition_t_max, on JDM's own warm-up generator. No row
+    # on the warm-up's condition: JDM's row there is phase 1's ControlNet, trained with the generator, and
+    # a full-range phase 1 would change the generator too, so the rows would differ in two things
+    "full-range": Variant("full-range", BASELINES / "full-range", overrides=(("condition_t_max", None),),
+                          on_warmup_condition=False),
 }
 
 # ControlNets trained by denoising (jdm/training/controlnet.py) rather than by the JDM objective
@@ -52,7 +61,7 @@ CONTROLNET_BASELINES = {"controlnet-50": BASELINES / "controlnet-50",  # on the 
                         "denoising": BASELINES / "denoising"}          # Eq. 11, on the frozen DI generator
 
 # what `jdm baseline METHOD` trains (paper/dvc.yaml)
-TRAINED_BASELINES = ("di", "denoising", "implicit", "wo-warmup", "wo-modelling")
+TRAINED_BASELINES = ("di", "denoising", "implicit", "wo-warmup", "wo-modelling", "full-range")
 
 # Table 1's rows: method -> (folder of the one-step generator, or None for the teacher sampled with 50
 # steps + CFG; folder holding controlnet-<c>)
@@ -64,11 +73,12 @@ METHODS = {
     "implicit": (VARIANTS["di"].root, VARIANTS["implicit"].root),
     "wo-warmup": (VARIANTS["di"].root, VARIANTS["wo-warmup"].root),
     "wo-modelling": (VARIANTS["wo-modelling"].root, VARIANTS["wo-modelling"].root),
+    "full-range": (JDM_MODELS, VARIANTS["full-range"].root),
 }
 LABELS = {"jdm": "JDM (one step)", "controlnet-50": "ControlNet (DM), multi-step + CFG",
           "di-controlnet": "DI + teacher's ControlNet", "denoising": "ControlNet via denoising (Eq. 11)",
           "implicit": "implicit ControlNet, plain VSD (Eq. 12)", "wo-warmup": "JDM w/o warm-up (DI generator)",
-          "wo-modelling": "JDM w/o modelling log p(c|x_t)"}
+          "wo-modelling": "JDM w/o modelling log p(c|x_t)", "full-range": "JDM, condition term at every t (Eq. 5)"}
 
 # Table 3's students, each the DI generator trained further, and the jdm params each changes; `hfl`'s
 # condition weight is text_to_image.reward_weight (REWARD_WEIGHT marks it)
@@ -90,6 +100,20 @@ TEXT_LABELS = {"teacher": "teacher, multi-step + CFG", "di": "Diff-Instruct (DI)
 def text_to_image_overrides(variant: str, reward_weight: float) -> dict:
     """The jdm params Table 3's `variant` trains with, its reward weight filled in."""
     return {k: reward_weight if v == REWARD_WEIGHT else v for k, v in TEXT_TO_IMAGE_VARIANTS[variant].items()}
+
+
+def has_row(method: str, condition: str, warmup_condition: str) -> bool:
+    """Whether Table 1 has a row of `method` on `condition` (`full-range` has none on the warm-up's)."""
+    variant = VARIANTS.get(method)
+    return variant is None or variant.on_warmup_condition or condition != warmup_condition
+
+
+def require_row(method: str, condition: str, warmup_condition: str) -> None:
+    """Refuse, naming what is allowed, a row the table does not have."""
+    if not has_row(method, condition, warmup_condition):
+        raise UserError(f"{method} has no row on {condition!r}, the warm-up's condition (warmup.condition): JDM's "
+                        f"row there is the warm-up's ControlNet, trained with the generator, so a {method} row "
+                        f"would differ from it in more than one thing; {method} runs on any other condition")
 
 
 def variant_phase(method: str, name: str, warmup_condition: str) -> str:

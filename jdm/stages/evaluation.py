@@ -15,7 +15,7 @@ from ..config import Params
 from ..conditions import condition_slug
 from ..io import atomic_dir, save_tensors, write_json
 from ..tracking import image_grid, stage_run
-from ..variants import METHODS
+from ..variants import METHODS, require_row
 from .common import (ANNOTATORS, METRICS, MODELS, PREPARED, REFERENCE, SAMPLES, SAMPLES_SHOWN, TEACHER,
                      load_condition_maps, section, setup)
 
@@ -230,6 +230,8 @@ def run_evaluate(params: Params, methods: list[str], name: str) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown method(s) {', '.join(map(repr, unknown))}; available: {', '.join(METHODS)}")
+    for method in methods:
+        require_row(method, name, params.warmup.condition)
     setup(params)
     condition = load_condition(name, params, MODELS)
     prepared = jdata.PreparedData.load(PREPARED)

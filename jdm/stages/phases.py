@@ -18,7 +18,7 @@ from ..conditions import condition_slug
 from ..io import atomic_dir, write_json
 from ..tracking import channel_tiles, image_grid, stage_run
 from ..training.checkpoint import remove_checkpoint
-from ..variants import VARIANTS, Variant
+from ..variants import VARIANTS, Variant, require_row
 from .common import (ANNOTATORS, CHECKPOINTS, METRICS, MODELS, PREPARED, TEACHER, checkpoint_spec, control_data,
                      curve_path, logger, recording, section, setup)
 
@@ -107,6 +107,7 @@ def run_jdm_phase(params: Params, name: str, phase: str, method: str = "jdm") ->
     from ..training.parallel import process_state
     from ..training.phases import build_generator, train_phase
 
+    require_row(method, name, params.warmup.condition)
     setup(params)
     variant = VARIANTS[method]
     jdm_params = params.jdm

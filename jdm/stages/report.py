@@ -13,6 +13,7 @@ from ..conditions import condition_slug
 from ..io import atomic_dir, write_json
 from ..tracking import image_grid, stage_run
 from .common import METRICS, PREPARED, REFERENCE, SAMPLES, SAMPLES_SHOWN, section, setup
+from ..variants import has_row
 from .evaluation import held_out_prompts
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ def run_report(params: Params, methods: list[str], conditions: list[str], out_di
     rows = []
     for method in methods:
         for name in conditions:
+            if not has_row(method, name, params.warmup.condition):
+                continue
             path = METRICS / "eval" / f"{method}-{condition_slug(name)}.json"
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: run `jdm evaluate {name} --methods {method}` "

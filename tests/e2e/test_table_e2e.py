@@ -158,23 +158,26 @@ def test_paper_pipeline_for_one_condition(smoke_workspace, tmp_path, monkeypatch
         for stage in (f"baseline@implicit-{c}", f"baseline@wo-warmup-{c}", f"denoising@{c}",
                       f"evaluate-baseline@{c}", f"evaluate@{c}", f"controlnet@{c}"):
             assert stage in dag, stage
-        # w/o modelling's row of the warm-up condition is its own warm-up, as JDM's is
+        # w/o modelling's row of the warm-up condition is its own warm-up, as JDM's is; full range has none
         assert (f"baseline@wo-modelling-{c}" in dag) == (c != "canny"), c
+        assert (f"baseline@full-range-{c}" in dag) == (f"evaluate-full-range@{c}" in dag) == (c != "canny"), c
     assert '"paper/dvc.yaml:di"' in dag and '"paper/dvc.yaml:wo-modelling"' in dag
 
-    out = run(["dvc", "repro", "paper/dvc.yaml:baseline@implicit-hed", "paper/dvc.yaml:denoising@hed"], work,
-              timeout=1200)
-    for stage in ("di", "baseline@implicit-hed", "denoising@hed"):
+    out = run(["dvc", "repro", "paper/dvc.yaml:baseline@implicit-hed", "paper/dvc.yaml:denoising@hed",
+               "paper/dvc.yaml:baseline@full-range-hed"], work, timeout=1200)
+    for stage in ("di", "baseline@implicit-hed", "denoising@hed", "baseline@full-range-hed"):
         assert f"Running stage 'paper/dvc.yaml:{stage}'" in out.stdout, stage
     di = json.loads((work / "metrics/baselines/di.json").read_text())
     assert di["method"] == "di" and "consistency" not in di  # no ControlNet, nothing to score
     assert not (work / "models/baselines/di/generator/controlnet").exists()  # a text-to-image student
     implicit = json.loads((work / "metrics/baselines/implicit-hed.json").read_text())
     assert implicit["generator_unchanged"] == 1.0 and implicit["method"] == "implicit"
+    full_range = json.loads((work / "metrics/baselines/full-range-hed.json").read_text())
+    assert full_range["generator_unchanged"] == 1.0 and full_range["method"] == "full-range"  # on JDM's generator
 
     # the rows and the report: the stage CLIs' own `main`, in-process (the workspace as working directory)
     monkeypatch.chdir(work)
-    methods = ("di-controlnet", "denoising", "implicit")
+    methods = ("di-controlnet", "denoising", "implicit", "full-range")
     assert main(["evaluate", "hed", "--methods", ",".join(methods)]) == 0
     for method in methods:
         row = json.loads((work / f"metrics/eval/{method}-hed.json").read_text())
@@ -184,11 +187,25 @@ def test_paper_pipeline_for_one_condition(smoke_workspace, tmp_path, monkeypatch
                  "--out", str(report)]) == 0
     md = (report / "table.md").read_text()
     assert "implicit ControlNet, plain VSD (Eq. 12)" in md and "JDM vs DI + teacher's ControlNet" in md
-    check_page(report / "index.html", tmp_path, "paper", rows=5, images=2 + 5)
+    check_page(report / "index.html", tmp_path, "paper", rows=6, images=2 + 6)
 
     capsys.readouterr()
     assert main(["evaluate", "hed", "--methods", "jdm,controlnet-5"]) == 2
     assert "unknown method(s) 'controlnet-5'; available: jdm, controlnet-50" in capsys.readouterr().err
+    # full range has no row on the warm-up's condition: training and scoring it are refused before any
+    # work, and the report leaves the cell out (the others' rows stay)
+    refused = (["baseline", "full-range", "canny"], ["baseline", "full-range"], ["evaluate", "canny", "--methods", "full-range"])
+    for argv in refused:
+        assert main(argv) == 2, argv
+        assert "full-range has no row on 'canny', the warm-up's condition" in capsys.readouterr().err, argv
+    assert not (work / "models/baselines/full-range/controlnet-canny").exists()
+    assert not (work / "metrics/eval/full-range-canny.json").exists()
+    both = tmp_path / "full-range"
+    assert main(["report", "--methods", "jdm,full-range", "--conditions", "canny,hed", "--out", str(both)]) == 0
+    table = (both / "table.md").read_text()
+    full_range_rows = [line for line in table.splitlines() if line.startswith("| JDM, condition term at every t")]
+    assert len(full_range_rows) == 1 and "| hed |" in full_range_rows[0], full_range_rows
+    assert "full-range-canny.png" not in (both / "index.html").read_text()
 
     # which phase each row trains: a variant's own warm-up gives its row of the warm-up condition
     from jdm.config import load_params
