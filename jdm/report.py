@@ -214,10 +214,18 @@ def text_to_image_summary(rows: list[dict]) -> list[str]:
             if method in by and base in by:
                 m, b = by[method], by[base]
                 lines.append(f"{TEXT_LABELS[method]} vs {TEXT_LABELS[base]}: held-out reward "
-                             f"{m['reward_heldout'] - b['reward_heldout']:+.3f}, training reward "
-                             f"{m['reward_train'] - b['reward_train']:+.3f}, prompt accuracy "
-                             f"{m['prompt_accuracy'] - b['prompt_accuracy']:+.2f}")
+                             f"{m['reward_heldout'] - b['reward_heldout']:+.3f}{_apart(m, b, 'reward_heldout')}, "
+                             f"training reward {m['reward_train'] - b['reward_train']:+.3f}, prompt accuracy "
+                             f"{m['prompt_accuracy'] - b['prompt_accuracy']:+.2f}{_apart(m, b, 'prompt_accuracy')}")
     return lines
+
+
+def _apart(a: dict, b: dict, key: str) -> str:
+    """Whether two rows' 95% intervals of `key` are disjoint; "" where either lacks one (older metrics files)."""
+    if not all(f"{key}_{end}" in r for r in (a, b) for end in ("low", "high")):
+        return ""
+    disjoint = a[f"{key}_high"] < b[f"{key}_low"] or b[f"{key}_high"] < a[f"{key}_low"]
+    return " (intervals disjoint)" if disjoint else " (intervals overlap)"
 
 
 def write_text_to_image_report(rows: list[dict], samples_dir: Path, out: Path, profile: str) -> None:

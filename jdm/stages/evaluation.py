@@ -54,7 +54,7 @@ def process_shard() -> tuple[PartialState, Shard]:
     from ..training.parallel import Shard, process_state
 
     state = process_state()
-    return state, Shard(state.process_index, state.num_processes)
+    return state, Shard.of(state)
 
 
 def evaluation_device(params: Params) -> torch.device:

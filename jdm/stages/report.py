@@ -12,8 +12,8 @@ from ..config import Params
 from ..conditions import condition_slug
 from ..io import atomic_dir, write_json
 from ..tracking import image_grid, stage_run
-from .common import METRICS, PREPARED, REFERENCE, SAMPLES, SAMPLES_SHOWN, section, setup
 from ..variants import has_row
+from .common import METRICS, PREPARED, REFERENCE, SAMPLES, SAMPLES_SHOWN, section, setup
 from .evaluation import held_out_prompts
 
 log = logging.getLogger(__name__)

@@ -269,14 +269,15 @@ def run_evaluate_text_to_image(params: Params, methods: list[str]) -> None:
                            tags={"method": method}) as mlflow:
                 start = time.perf_counter()
                 samples = generate(sampler, hidden, mask, None, batch_size=e.batch_size, seed=params.seed)
-                metrics = {"nfe": sampler.nfe, "sample_seconds": time.perf_counter() - start,
+                sample_seconds = time.perf_counter() - start
+                with torch.no_grad():  # per sample, so the rewards get intervals over the same resamples as FID
+                    per_sample = {"prompt_accuracy": prompt_hits(classifier, samples, classes).float(),
+                                  **{name: reward(samples) for name, reward in rewards.items()}}
+                metrics = {"nfe": sampler.nfe, "sample_seconds": sample_seconds,
                            "latency_ms": latency_ms(sampler, hidden, mask, None, e.latency_repeats),
-                           **score_samples(samples, spaces,
-                                           {"prompt_accuracy": prompt_hits(classifier, samples, classes).float()},
-                                           resamples=e.bootstrap_resamples, seed=params.seed)}
-                with torch.no_grad():
-                    metrics.update({name: reward(samples).mean().item() for name, reward in rewards.items()})
-                metrics.update(real)
+                           **score_samples(samples, spaces, per_sample, resamples=e.bootstrap_resamples,
+                                           seed=params.seed),
+                           **real}
                 mlflow.log_metrics(metrics)
                 order = torch.argsort(classes[:4 * SAMPLES_SHOWN], stable=True)
                 grid = image_grid(samples[:4 * SAMPLES_SHOWN][order], nrow=SAMPLES_SHOWN)

@@ -37,8 +37,9 @@ class Shard:
     count: int = 1
 
     @classmethod
-    def of(cls, accelerator: Accelerator) -> "Shard":
-        return cls(accelerator.process_index, accelerator.num_processes)
+    def of(cls, processes: Accelerator | PartialState) -> "Shard":
+        """This process's rows, from an Accelerator or accelerate's PartialState (same two attributes)."""
+        return cls(processes.process_index, processes.num_processes)
 
     def draw(self, make: Callable[[int], torch.Tensor], n: int) -> torch.Tensor:
         """`make(m)` draws m rows; this process's n of the n * count drawn for all."""

@@ -221,6 +221,8 @@ def test_paper_pipeline_for_one_condition(smoke_workspace, tmp_path, monkeypatch
 TEXT_VARIANTS = ("di", "coupled-cfg", "hfl", "decoupled-cfg", "hfl-on-x")
 TEXT_METRICS = {"nfe", "latency_ms", "reward_heldout", "reward_train", "prompt_accuracy", "fid_classifier",
                 "num_samples", "num_reference"}
+TEXT_INTERVALS = {f"{key}_{end}" for key in ("reward_heldout", "reward_train", "prompt_accuracy", "fid_classifier")
+                  for end in ("low", "high")}
 
 
 @pytest.mark.e2e
@@ -258,7 +260,8 @@ def test_text_to_image_variants_train_are_scored_and_run_from_a_flow(smoke_works
 
     rows = {m: json.loads((work / f"metrics/text-to-image/{m}.json").read_text()) for m in ("teacher",) + TEXT_VARIANTS}
     for method, row in rows.items():
-        assert TEXT_METRICS <= set(row) and row["method"] == method and row["condition"] == "text"
+        assert TEXT_METRICS | TEXT_INTERVALS <= set(row) and row["method"] == method and row["condition"] == "text"
+        assert row["reward_heldout_low"] <= row["reward_heldout"] <= row["reward_heldout_high"]
         assert row["nfe"] == (4 if method == "teacher" else 1) and row["num_samples"] == 16
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("jdm").experiment_id],
@@ -268,6 +271,7 @@ def test_text_to_image_variants_train_are_scored_and_run_from_a_flow(smoke_works
     report = work / "reports/text-to-image"
     md = (report / "table.md").read_text()
     assert "JDM w/ decoupled CFG (stronger guide)" in md and "29.75 / 5.90 / 33.97 (JDM w/ better CFG)" in md
+    assert md.count("held-out reward") > 1 and "(intervals " in md  # the summary says which gaps are outside them
     check_page(report / "index.html", tmp_path, "text-to-image", rows=6, images=6)
 
     # the deployment's flow, in-process on a temporary Prefect server: one variant, already trained, scored again

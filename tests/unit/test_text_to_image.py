@@ -161,3 +161,24 @@ def test_a_pretrained_guide_that_cannot_guide_is_refused_naming_why(smoke_params
         _check_guide(build_unet(smoke_params.teacher.unet, 16, 1, 48), epsilon, teacher, 32, "sd21")
     with pytest.raises(UserError, match="takes 3 latent channels, the teacher 1"):
         _check_guide(build_unet(smoke_params.teacher.unet, 16, 3, 32), epsilon, teacher, 32, "sd21")
+
+
+def test_table_3_summary_says_whether_each_comparison_is_outside_the_intervals():
+    """A reward or accuracy difference is a claim only with its interval: the summary says which."""
+    from jdm.report import text_to_image_summary
+
+    def row(method, reward, accuracy):
+        return {"method": method, "reward_train": reward, "prompt_accuracy": accuracy,
+                **{f"{key}{end}": value + delta for key, value in (("reward_heldout", reward), ("prompt_accuracy", accuracy))
+                   for end, delta in (("", 0.0), ("_low", -0.1), ("_high", 0.1))}}
+
+    rows = [row("di", -7.0, 0.60), row("coupled-cfg", -6.5, 0.90), row("decoupled-cfg", -6.45, 0.95)]
+    lines = text_to_image_summary(rows)
+    assert len(lines) == 2
+    against_di, against_coupled = lines
+    assert "held-out reward +0.550 (intervals disjoint)" in against_di
+    assert "prompt accuracy +0.35 (intervals disjoint)" in against_di
+    assert "held-out reward +0.050 (intervals overlap)" in against_coupled
+    assert "prompt accuracy +0.05 (intervals overlap)" in against_coupled
+    older = [{k: v for k, v in r.items() if not k.endswith(("_low", "_high"))} for r in rows]  # files before intervals
+    assert all("intervals" not in line for line in text_to_image_summary(older))
