@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent / "infra")]
-from shapes import write_result  # noqa: E402
+from shapes import machine, write_result  # noqa: E402
 from workspace import clean_copy  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -81,7 +81,7 @@ def main() -> None:
     profile = args.profile if args.workspace is None else "workspace"
     result = {"profile": profile, "target": args.target or "dvc.yaml", "fresh": args.workspace is None,
               "stages_s": stages, "total_s": total, "noop_s": noop, "peak_rss_mb": peak_mb,
-              "cpus": os.cpu_count(), "targets": TARGETS}
+              "cpus": os.cpu_count(), "targets": TARGETS, "machine": machine()}
     out = write_result(f"pipeline_{profile}" + ("_paper" if args.target else ""), result)
     for name, seconds in sorted(stages.items(), key=lambda kv: -kv[1]):
         print(f"{seconds:8.1f} s  {name}")
