@@ -60,12 +60,22 @@ def _cells(row: dict) -> list[str]:
 HEADER = ["method", "condition"] + [title for _, title, _, _ in COLUMNS] + ["paper FID / consistency (SD 1.5)"]
 
 
+def _order(a: dict, b: dict, key: str) -> int | None:
+    """-1 where a's 95% interval of `key` lies wholly below b's, 1 wholly above, 0 where they overlap;
+    None where either row lacks one (older metrics files)."""
+    if not all(f"{key}_{end}" in r for r in (a, b) for end in ("low", "high")):
+        return None
+    if a[f"{key}_high"] < b[f"{key}_low"]:
+        return -1
+    return 1 if b[f"{key}_high"] < a[f"{key}_low"] else 0
+
+
 def _separation(pairs: list[tuple[dict, dict]], key: str) -> str:
     """How many (JDM, other) pairs have disjoint 95% intervals, and in whose favour; "" unless every row has them."""
-    if not all(f"{key}_low" in r and f"{key}_high" in r for pair in pairs for r in pair):
+    orders = [_order(j, o, key) for j, o in pairs]
+    if None in orders:
         return ""
-    better = sum(j[f"{key}_high"] < o[f"{key}_low"] for j, o in pairs)
-    worse = sum(o[f"{key}_high"] < j[f"{key}_low"] for j, o in pairs)
+    better, worse = orders.count(-1), orders.count(1)
     return f" (intervals disjoint on {better + worse}/{len(pairs)}: {better} better, {worse} worse)"
 
 
@@ -221,11 +231,9 @@ def text_to_image_summary(rows: list[dict]) -> list[str]:
 
 
 def _apart(a: dict, b: dict, key: str) -> str:
-    """Whether two rows' 95% intervals of `key` are disjoint; "" where either lacks one (older metrics files)."""
-    if not all(f"{key}_{end}" in r for r in (a, b) for end in ("low", "high")):
-        return ""
-    disjoint = a[f"{key}_high"] < b[f"{key}_low"] or b[f"{key}_high"] < a[f"{key}_low"]
-    return " (intervals disjoint)" if disjoint else " (intervals overlap)"
+    """Whether two rows' 95% intervals of `key` are disjoint; "" where either lacks one."""
+    order = _order(a, b, key)
+    return "" if order is None else " (intervals overlap)" if order == 0 else " (intervals disjoint)"
 
 
 def write_text_to_image_report(rows: list[dict], samples_dir: Path, out: Path, profile: str) -> None:
