@@ -35,20 +35,26 @@ $(STAMP): requirements.lock pyproject.toml infra/install-dataset.sh infra/instal
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# JOBS: DVC stages at a time. Above 1, infra/repro.py runs independent stages side by side, each a `dvc repro
+# --single-item` with cores/JOBS torch threads (on two cores two one-thread stages beat one two-thread stage:
+# docs/performance.md); JOBS=1 is plain `dvc repro`. The thread count changes trained bytes by float rounding.
+JOBS ?= 2
+REPRO = $(if $(filter 1,$(JOBS)),dvc repro,python infra/repro.py --jobs $(JOBS))
+
 run: install
 	jdm profile $(PROFILE) $(if $(FORCE),--force)
-	dvc repro
+	$(REPRO)
 
 # the paper's full table (baselines and ablations), reusing `make run`'s outputs
 paper: install
 	jdm profile $(PROFILE) $(if $(FORCE),--force)
-	dvc repro paper/dvc.yaml
+	$(REPRO) paper/dvc.yaml
 
 # the headline rows (JDM, ControlNet-50) with two more training seeds, reusing `make run`'s data, teacher and
 # reference: seeds/<k>/, metrics/seeds.json, reports/seeds/table.md (mean ± std, claims seed by seed)
 seeds: install
 	jdm profile $(PROFILE) $(if $(FORCE),--force)
-	dvc repro seeds/dvc.yaml
+	$(REPRO) seeds/dvc.yaml
 
 # everything, what CI runs (.ci/run): tests/unit, then tests/e2e (pyproject's testpaths), on TEST_WORKERS
 # pytest-xdist workers, a test file at a time each (each worker builds its own smoke workspace; tests and

@@ -113,6 +113,24 @@ def recording_to(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(previous)  # None unsets both
 
 
+@contextlib.contextmanager
+def _one_at_a_time(uri: str) -> Iterator[None]:
+    """For a SQLite store, the block under an exclusive lock on `<db>.lock`: two stages started at once
+    (infra/repro.py --jobs 2) would both create a new store's tables or the experiment, and MLflow's
+    schema creation fails on the second ("table ... already exists"). A server serialises this itself."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    with open(uri.removeprefix("sqlite:///") + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 # MLflow 3's UI opens an experiment without this tag as a GenAI one (an empty traces overview); this
 # one is model training: runs, metrics, models
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -129,12 +147,13 @@ def stage_run(stage: str, profile: str, params: dict, condition: str | None = No
     uri = tracking_uri(workspace)
     check_reachable(uri)
     with recording_to(uri):
-        if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-            artifacts = None if uri.startswith(("http://", "https://")) else (workspace / "mlartifacts").as_uri()
-            mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
-        experiment = mlflow.set_experiment(EXPERIMENT)
-        if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
-            mlflow.set_experiment_tag(*EXPERIMENT_KIND)
+        with _one_at_a_time(uri):
+            if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+                artifacts = None if uri.startswith(("http://", "https://")) else (workspace / "mlartifacts").as_uri()
+                mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+            experiment = mlflow.set_experiment(EXPERIMENT)
+            if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+                mlflow.set_experiment_tag(*EXPERIMENT_KIND)
         fail_abandoned_runs(mlflow.MlflowClient(uri), experiment.experiment_id)
         run_tags = {"stage": stage, "profile": profile, "git_commit": git_commit(workspace), **_process_tags(),
                     **(tags or {})}

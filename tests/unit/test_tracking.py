@@ -57,3 +57,32 @@ def test_a_temporary_dvc_experiment_records_into_the_repository_it_came_from(tmp
     (copy / "seeds/1").mkdir(parents=True)
     (tmp_path / "seeds").mkdir()
     assert repository_root(copy) == repository_root(copy / "seeds/1") == repository_root(tmp_path / "seeds") == tmp_path
+
+
+STARTED_STAGE = """
+import sys, time
+from pathlib import Path
+from jdm.tracking import stage_run
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # every process opens the new store at the same moment
+with stage_run("conditions", "smoke", {}, condition=sys.argv[3], workspace=Path(sys.argv[1])):
+    pass
+"""
+
+
+def test_stages_started_together_on_a_new_store_all_record(tmp_path, monkeypatch):
+    """infra/repro.py starts two stages at once; on a new SQLite store both would create its tables,
+    and MLflow's schema creation fails on the second unless the store is opened one process at a time."""
+    import time
+
+    import mlflow
+
+    (tmp_path / ".dvc").mkdir()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    at = str(time.time() + 8)  # after every process has imported what it needs
+    procs = [subprocess.Popen([sys.executable, "-c", STARTED_STAGE, str(tmp_path), at, name], stderr=subprocess.PIPE,
+                              text=True) for name in ("canny", "hed", "depth")]
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(e[-1500:] for e in errors)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("jdm").experiment_id])
+    assert sorted(r.data.tags["condition"] for r in runs) == ["canny", "depth", "hed"]
