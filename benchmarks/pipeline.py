@@ -14,6 +14,7 @@ largest stage 4 GB. Writes benchmarks/results/pipeline_<profile>[_jobs<N>].json.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import resource
@@ -73,8 +74,6 @@ HEADLINE = ("fid_inception", "kid_inception", "fid_classifier", "consistency", "
 
 def headline_metrics(work: Path) -> dict[str, dict[str, float]]:
     """{"jdm-hed": {"fid_inception": ...}, ...}: the main pipeline's evaluate files of the workspace."""
-    import json
-
     return {path.stem: {k: v for k, v in json.loads(path.read_text()).items() if k in HEADLINE}
             for path in sorted((work / "metrics" / "eval").glob("*.json"))
             if path.stem.startswith(("jdm-", "controlnet-50-"))}
