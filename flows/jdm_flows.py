@@ -4,7 +4,7 @@ and talk to MLflow; nothing trains in the flow's process.
 Deployments (prefect.yaml):
     jdm/add-control     a ControlNet for one condition on the frozen generator, registered in MLflow
     jdm/text-to-image   one one-step text-to-image variant of the paper's Table 3 (HFL, decoupled CFG, ...)
-    jdm/reproduce       `dvc repro` of the whole pipeline
+    jdm/reproduce       `dvc repro` of the whole pipeline (`-p jobs=2`: two stages at a time, as `make run`)
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ LOCK_FILE = Path(".dvc/tmp/jdm-flows.lock")
 # one file per flow run in progress on the workspace: its host and process, so the next flow run can
 # tell a run whose worker was lost (still `Running` in Prefect, its process gone) and mark it crashed
 RUNS_DIR = Path(".dvc/tmp/flow-runs")
+# the driver that runs DVC stages side by side, from the checkout these flows run from
+REPRO = Path(__file__).resolve().parents[1] / "infra" / "repro.py"
 
 
 def _workspace(workspace: str | None) -> Path:
@@ -178,12 +180,17 @@ def check_params(ws: Path, profile: str | None) -> str:
 
 
 @task
-def dvc_repro(ws: Path, targets: list[str]) -> None:
+def dvc_repro(ws: Path, targets: list[str], jobs: int = 1) -> None:
     """`dvc repro` of the targets; with a default DVC remote (workers that share state through it, as
     pods on a GPU pool do) missing outputs and the run cache are pulled first, so a stage another worker
-    ran is restored instead of retrained, and what this one ran is pushed after, with its run cache."""
+    ran is restored instead of retrained, and what this one ran is pushed after, with its run cache.
+    `jobs` above 1: independent stages side by side (infra/repro.py, what `make run JOBS=N` runs)."""
     shared = _has_remote(ws)
-    _run(["dvc", "repro", *(["--pull"] if shared else []), *targets], ws)
+    pull = ["--pull"] if shared else []
+    if jobs > 1:
+        _run([sys.executable, str(REPRO), "--jobs", str(jobs), *pull, *targets], ws)
+    else:
+        _run(["dvc", "repro", *pull, *targets], ws)
     if shared:
         _run(["dvc", "push", "--run-cache", "--with-deps", *targets], ws)
         _push_uncached_outputs(ws, targets)
@@ -328,11 +335,15 @@ def _reproduce_name() -> str:
 
 
 @flow(name="jdm", flow_run_name=_reproduce_name, log_prints=True)  # same flow name: the deployment is `jdm/reproduce`
-def reproduce(profile: str | None = None, workspace: str | None = None) -> None:
-    """`dvc repro` of the whole pipeline (what changed since the last run); the table as an artifact."""
+def reproduce(profile: str | None = None, workspace: str | None = None, jobs: int = 1) -> None:
+    """`dvc repro` of the whole pipeline (what changed since the last run); the table as an artifact.
+    `jobs`: stages at once (`make run`'s JOBS; 1, the default, is plain `dvc repro` with every core; the
+    thread count per stage, and so the trained bytes, follow it: docs/operations.md)."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r}: the number of DVC stages at once must be a whole number, 1 or more")
     ws = _workspace(workspace)
     with _recorded(ws):
         check_params(ws, profile)
-        dvc_repro(ws, [])
+        dvc_repro(ws, [], jobs)
         _publish_table(ws, "reports/main/table.md", "jdm-main-table")
         _publish_runs(ws)

@@ -15,6 +15,7 @@ record it: a run at `--jobs 2` gives other bytes than one at `--jobs 1` on this 
 
     python infra/repro.py --jobs 2                    # dvc.yaml: what `make run` runs (JOBS=2, its default)
     python infra/repro.py --jobs 2 paper/dvc.yaml     # the paper's tables: `make paper`
+    python infra/repro.py --jobs 2 --pull             # each stage `dvc repro --pull`: restored from a remote if it can be
 
 With more than one job, each stage's output goes to .dvc/tmp/repro/<stage>.log; a failure prints its end.
 """
@@ -76,8 +77,9 @@ def stage_env(jobs: int) -> dict[str, str]:
     return env
 
 
-def run(the_plan: Plan, jobs: int, root: Path, dvc: str = "dvc") -> int:
-    """Run the plan's stages, `jobs` at a time; 0 when every one succeeded."""
+def run(the_plan: Plan, jobs: int, root: Path, dvc: str = "dvc", pull: bool = False) -> int:
+    """Run the plan's stages, `jobs` at a time; 0 when every one succeeded. With `pull`, each is
+    `dvc repro --pull`: a stage whose outputs the remote or its run cache holds is restored, not run."""
     pending, running, done, failed = list(the_plan.order), {}, set(), set()
     env, start, downstream = stage_env(jobs), time.monotonic(), the_plan.downstream()
     (root / LOGS).mkdir(parents=True, exist_ok=True)
@@ -96,7 +98,7 @@ def run(the_plan: Plan, jobs: int, root: Path, dvc: str = "dvc") -> int:
                            key=lambda s: -downstream[s])
             for stage in ready[:max(0, jobs - len(running))]:
                 pending.remove(stage)
-                cmd = [dvc, "--wait-for-lock", "repro", "--single-item", stage]
+                cmd = [dvc, "--wait-for-lock", "repro", "--single-item", *(["--pull"] if pull else []), stage]
                 log = None if jobs == 1 else open(log_path(root, stage), "w")  # one job: its output as it comes
                 proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
                 running[stage] = (proc, log, time.monotonic())
@@ -134,11 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("targets", nargs="*", default=["dvc.yaml"], help="stages or dvc.yaml files (default: dvc.yaml)")
     ap.add_argument("--jobs", "-j", type=int, default=2, help="stages at once (default 2)")
+    ap.add_argument("--pull", action="store_true", help="each stage as `dvc repro --pull` (outputs and run cache "
+                                                         "from the default remote)")
     args = ap.parse_args(argv)
     if args.jobs < 1:
         raise SystemExit(f"--jobs {args.jobs}: the number of stages at once must be 1 or more")
     root = Path.cwd()
-    return run(plan(args.targets, root), args.jobs, root, str(Path(sys.executable).parent / "dvc"))
+    return run(plan(args.targets, root), args.jobs, root, str(Path(sys.executable).parent / "dvc"), args.pull)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """infra/repro.py on a DVC project of four small stages (a -> b, c -> d): independent stages run side by
 side, a stage waits for what it depends on, up-to-date stages are not started, a failure stops only
-what depends on it."""
+what depends on it, `--pull` restores from a remote what it holds instead of running it."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -85,3 +86,17 @@ def test_a_failed_stage_stops_only_what_depends_on_it(project, capsys):
 def test_jobs_below_one_is_refused_naming_the_value(project):
     with pytest.raises(SystemExit, match="--jobs 0"):
         repro.main(["--jobs", "0"])
+
+
+def test_pull_restores_from_the_remote_instead_of_running(project, tmp_path_factory):
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run([dvc, "remote", "add", "-d", "team", str(tmp_path_factory.mktemp("remote"))], cwd=project, check=True)
+    assert repro.main(["--jobs", "2"]) == 0
+    subprocess.run([dvc, "push", "--run-cache", "-q"], cwd=project, check=True)
+    # a second worker: the lock and the code, no outputs, no cache, nothing run here yet
+    for path in [project / ".dvc" / "cache", project / "stamps", *project.glob("?.txt")]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert sorted(repro.plan(["dvc.yaml"], project).order) == ["a", "b", "c", "d"]
+    assert repro.main(["--jobs", "2", "--pull"]) == 0
+    assert not (project / "stamps").exists(), "a stage ran instead of being restored"
+    assert {p.name: p.read_text() for p in project.glob("?.txt")} == {f"{n}.txt": n for n in "abcd"}
