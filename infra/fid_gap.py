@@ -1,0 +1,105 @@
+"""What separates a one-step row from ControlNet-50 in Inception features: pixel statistics and FID of
+the table's own samples, beside a second draw of the teacher (the FID a perfect copy of the reference's
+distribution scores at this sample count), and the FIDs again after a Gaussian blur.
+
+Run in a workspace where `make run` has built the warm-up, the condition's ControlNets and the FID
+reference; it samples as `jdm evaluate` does (the same held-out maps, prompts and noise):
+
+    python infra/fid_gap.py canny          # -> metrics/diagnostics/fid-gap-canny.json
+
+Per set of samples (the reference, a second teacher draw, ControlNet-50, JDM): mean and spread of
+the pixels, the fraction near black and near white, and the total variation (mean absolute
+difference of neighbouring pixels: speckle raises it); Inception FID and KID against the reference;
+the same FID with both sides blurred (`--sigma` pixels), which leaves structure and takes away what
+differs pixel to pixel; and, for the one-step row, the FID of its blurred samples against the
+unblurred reference.
+A diagnostic, not a stage: it reads only the table's maps and trains nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROWS = ("jdm", "controlnet-50")
+
+
+def pixel_statistics(images: torch.Tensor) -> dict[str, float]:
+    """Images [N,C,H,W] in [0,1]: what the eye sees of a sample set without a feature network."""
+    x = images.float()
+    tv = ((x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()) / 2
+    return {"mean": float(x.mean()), "std": float(x.std()), "near_black": float((x < 0.02).float().mean()),
+            "near_white": float((x > 0.98).float().mean()), "total_variation": float(tv)}
+
+
+def blurred(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    from torchvision.transforms.functional import gaussian_blur
+
+    return gaussian_blur(images, kernel_size=2 * round(3 * sigma) + 1, sigma=sigma)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("condition", help="a condition of the table (canny, hed, depth, sr)")
+    ap.add_argument("--sigma", type=float, default=1.0, help="Gaussian blur in pixels (default 1)")
+    ap.add_argument("--out", type=Path, default=None, help="default: metrics/diagnostics/fid-gap-<condition>.json")
+    args = ap.parse_args(argv)
+    if args.sigma <= 0:
+        raise SystemExit(f"--sigma {args.sigma}: the blur must be above 0 pixels")
+
+    from jdm import data as jdata
+    from jdm.annotators.classifier import load_classifier
+    from jdm.config import load_params
+    from jdm.evaluation import generate
+    from jdm.io import load_tensors, write_json
+    from jdm.metrics import features, fid, kid
+    from jdm.models.teacher import build_backbone
+    from jdm.stages.common import ANNOTATORS, REFERENCE
+    from jdm.stages.evaluation import _feature_nets, _method_sampler, held_out_prompts, teacher_sampler
+
+    params = load_params(Path("params.yaml"))
+    if not params.evaluation.inception_fid:
+        raise SystemExit(f"profile {params.profile} scores no Inception FID (evaluation.inception_fid: false)")
+    device = torch.device("cpu")
+    prepared = jdata.PreparedData.load(Path("data/prepared"))
+    hidden, mask, _, maps, null = held_out_prompts(params, prepared, args.condition)
+    backbone = build_backbone(params)
+    inception = _feature_nets(params, load_classifier(ANNOTATORS / "classifier"), device)["inception"]
+    batch, seed = params.evaluation.batch_size, params.seed
+    start = time.perf_counter()
+
+    sets = {"reference": load_tensors(REFERENCE / "samples.safetensors")["samples"].float() / 255}
+    # another noise stream than the reference's (seed + 1) and the methods' (seed): the teacher against itself
+    sets["teacher (second draw)"] = generate(teacher_sampler(params, backbone, null, device), hidden, mask, None,
+                                             batch_size=batch, seed=seed + 2)
+    for method in ROWS:
+        sets[method] = generate(_method_sampler(params, method, args.condition, backbone, null, device), hidden, mask,
+                                maps, batch_size=batch, seed=seed)
+    reference, reference_blurred = (features(inception, x) for x in (sets["reference"], blurred(sets["reference"], args.sigma)))
+    out = {"condition": args.condition, "sigma": args.sigma, "num_samples": len(sets["jdm"]),
+           "num_reference": len(sets["reference"]), "sets": {}}
+    for name, images in sets.items():
+        row = pixel_statistics(images)
+        if name != "reference":
+            own = features(inception, images)
+            row["fid_inception"], row["kid_inception"] = fid(own, reference), kid(own, reference)
+            row["fid_inception_both_blurred"] = fid(features(inception, blurred(images, args.sigma)), reference_blurred)
+        out["sets"][name] = row
+        print(name, json.dumps(row), flush=True)
+    out["sets"]["jdm"]["fid_inception_blurred_against_reference"] = fid(
+        features(inception, blurred(sets["jdm"], args.sigma)), reference)
+    out["seconds"] = time.perf_counter() - start
+    path = args.out or Path("metrics/diagnostics") / f"fid-gap-{args.condition}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, path)
+    print(f"-> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
