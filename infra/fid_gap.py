@@ -53,14 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--sigma {args.sigma}: the blur must be above 0 pixels")
 
     from jdm import data as jdata
-    from jdm.annotators.classifier import load_classifier
     from jdm.config import load_params
     from jdm.evaluation import generate
     from jdm.io import load_tensors, write_json
-    from jdm.metrics import features, fid, kid
+    from jdm.metrics import InceptionFeatures, features, fid, kid
     from jdm.models.teacher import build_backbone
-    from jdm.stages.common import ANNOTATORS, REFERENCE
-    from jdm.stages.evaluation import _feature_nets, _method_sampler, held_out_prompts, teacher_sampler
+    from jdm.stages.common import REFERENCE
+    from jdm.stages.evaluation import _method_sampler, held_out_prompts, teacher_sampler
 
     params = load_params(Path("params.yaml"))
     if not params.evaluation.inception_fid:
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     prepared = jdata.PreparedData.load(Path("data/prepared"))
     hidden, mask, _, maps, null = held_out_prompts(params, prepared, args.condition)
     backbone = build_backbone(params)
-    inception = _feature_nets(params, load_classifier(ANNOTATORS / "classifier"), device)["inception"]
+    inception = InceptionFeatures().to(device)  # the table's Inception space (jdm/stages/evaluation.py)
     batch, seed = params.evaluation.batch_size, params.seed
     start = time.perf_counter()
 
@@ -86,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, images in sets.items():
         row = pixel_statistics(images)
         if name != "reference":
-            own = features(inception, images)
+            own, own_blurred = features(inception, images), features(inception, blurred(images, args.sigma))
             row["fid_inception"], row["kid_inception"] = fid(own, reference), kid(own, reference)
-            row["fid_inception_both_blurred"] = fid(features(inception, blurred(images, args.sigma)), reference_blurred)
+            row["fid_inception_both_blurred"] = fid(own_blurred, reference_blurred)
+            if name == "jdm":
+                row["fid_inception_blurred_against_reference"] = fid(own_blurred, reference)
         out["sets"][name] = row
         print(name, json.dumps(row), flush=True)
-    out["sets"]["jdm"]["fid_inception_blurred_against_reference"] = fid(
-        features(inception, blurred(sets["jdm"], args.sigma)), reference)
     out["seconds"] = time.perf_counter() - start
     path = args.out or Path("metrics/diagnostics") / f"fid-gap-{args.condition}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
