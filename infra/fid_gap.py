@@ -7,12 +7,15 @@ reference; it samples as `jdm evaluate` does (the same held-out maps, prompts an
 
     python infra/fid_gap.py canny          # -> metrics/diagnostics/fid-gap-canny.json
 
-Per set of samples (the reference, a second teacher draw, ControlNet-50, JDM): mean and spread of
-the pixels, the fraction near black and near white, and the total variation (mean absolute
-difference of neighbouring pixels: speckle raises it); Inception FID and KID against the reference;
-the same FID with both sides blurred (`--sigma` pixels), which leaves structure and takes away what
-differs pixel to pixel; and, for the one-step row, the FID of its blurred samples against the
-unblurred reference.
+Per set of samples (the reference, a second teacher draw, ControlNet-50, JDM, and JDM's generator
+with its ControlNet removed, same prompts and noise): mean and spread of the pixels, the fraction
+near black and near white, and the total variation (mean absolute difference of neighbouring
+pixels: speckle raises it); the spread of its Inception features (the trace of their covariance:
+a set that covers fewer modes has less); Inception FID and KID against the reference, the FID split
+into its two terms (how far the feature means lie apart, and what the covariances add: a shifted
+set raises the first, a narrower or differently shaped one the second); the same FID with both
+sides blurred (`--sigma` pixels), which leaves structure and takes away what differs pixel to
+pixel; and, for the one-step row, the FID of its blurred samples against the unblurred reference.
 A diagnostic, not a stage: it reads only the table's maps and trains nothing.
 """
 
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 
 ROWS = ("jdm", "controlnet-50")
+UNCONTROLLED = "jdm without ControlNet"
 
 
 def pixel_statistics(images: torch.Tensor) -> dict[str, float]:
@@ -35,6 +39,19 @@ def pixel_statistics(images: torch.Tensor) -> dict[str, float]:
     tv = ((x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()) / 2
     return {"mean": float(x.mean()), "std": float(x.std()), "near_black": float((x < 0.02).float().mean()),
             "near_white": float((x > 0.98).float().mean()), "total_variation": float(tv)}
+
+
+def feature_terms(own, reference) -> dict[str, float]:
+    """Where a FID comes from: the squared distance of the feature means (FID's first term) and the
+    rest, which the covariances make (FID = mean term + covariance term), with the features' spread
+    (the trace of their covariance) beside the reference's."""
+    import numpy as np
+
+    from jdm.metrics import fid
+
+    total, mean_term = fid(own, reference), float(((own.mean(0) - reference.mean(0)) ** 2).sum())
+    return {"fid_inception": total, "fid_mean_term": mean_term, "fid_covariance_term": total - mean_term,
+            "feature_spread": float(np.trace(np.cov(own, rowvar=False)))}
 
 
 def blurred(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -56,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     from jdm.config import load_params
     from jdm.evaluation import generate
     from jdm.io import load_tensors, write_json
+    from jdm.evaluation import one_step_sampler
     from jdm.metrics import InceptionFeatures, features, fid, kid
     from jdm.models.teacher import build_backbone
+    from jdm.pipeline import load_generator
     from jdm.stages.common import REFERENCE
+    from jdm.variants import JDM_MODELS
     from jdm.stages.evaluation import _method_sampler, held_out_prompts, teacher_sampler
 
     params = load_params(Path("params.yaml"))
@@ -79,14 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     for method in ROWS:
         sets[method] = generate(_method_sampler(params, method, args.condition, backbone, null, device), hidden, mask,
                                 maps, batch_size=batch, seed=seed)
+    # the same generator, prompts and noise without the ControlNet: is the gap the control's or the student's?
+    uncontrolled = load_generator(JDM_MODELS / "generator", primary=False)[0]
+    sets[UNCONTROLLED] = generate(one_step_sampler(uncontrolled, None, backbone, params.data.image_size // backbone.factor,
+                                                   device), hidden, mask, None, batch_size=batch, seed=seed)
     reference, reference_blurred = (features(inception, x) for x in (sets["reference"], blurred(sets["reference"], args.sigma)))
     out = {"condition": args.condition, "sigma": args.sigma, "num_samples": len(sets["jdm"]),
            "num_reference": len(sets["reference"]), "sets": {}}
     for name, images in sets.items():
         row = pixel_statistics(images)
-        if name != "reference":
+        if name == "reference":
+            row["feature_spread"] = feature_terms(reference, reference)["feature_spread"]
+        else:
             own, own_blurred = features(inception, images), features(inception, blurred(images, args.sigma))
-            row["fid_inception"], row["kid_inception"] = fid(own, reference), kid(own, reference)
+            row.update(feature_terms(own, reference), kid_inception=kid(own, reference))
             row["fid_inception_both_blurred"] = fid(own_blurred, reference_blurred)
             if name == "jdm":
                 row["fid_inception_blurred_against_reference"] = fid(own_blurred, reference)

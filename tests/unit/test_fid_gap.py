@@ -30,3 +30,19 @@ def test_blur_keeps_the_mean_and_takes_the_speckle():
 def test_a_blur_of_zero_pixels_is_refused():
     with pytest.raises(SystemExit, match="--sigma 0.0: the blur must be above 0 pixels"):
         fid_gap.main(["canny", "--sigma", "0"])
+
+
+def test_fid_splits_into_a_mean_term_and_a_covariance_term():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((4000, 3))
+    reference -= reference.mean(0)
+    shifted = reference + np.array([3.0, 0.0, 0.0])  # the same spread, means 3 apart: all mean term
+    terms = fid_gap.feature_terms(shifted, reference)
+    assert terms["fid_mean_term"] == pytest.approx(9.0) and abs(terms["fid_covariance_term"]) < 1e-6
+    narrow = 0.5 * reference  # the same mean, half the spread: a quarter of the trace; FID = tr(S + S/4 - 2 S/2) = tr(S)/4
+    terms = fid_gap.feature_terms(narrow, reference)
+    assert terms["fid_mean_term"] < 1e-12
+    assert terms["feature_spread"] == pytest.approx(fid_gap.feature_terms(reference, reference)["feature_spread"] / 4)
+    assert terms["fid_covariance_term"] == pytest.approx(0.25 * np.trace(np.cov(reference, rowvar=False)), rel=1e-6)
