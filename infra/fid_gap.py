@@ -54,6 +54,15 @@ def feature_terms(own, reference) -> dict[str, float]:
             "feature_spread": float(np.trace(np.cov(own, rowvar=False)))}
 
 
+def write_diagnostic(out: dict, path: Path) -> None:
+    """A diagnostic's JSON under metrics/diagnostics/ (or where --out says), written whole or not at all."""
+    from jdm.io import write_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, path)
+    print(f"-> {path}")
+
+
 def blurred(images: torch.Tensor, sigma: float) -> torch.Tensor:
     from torchvision.transforms.functional import gaussian_blur
 
@@ -72,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from jdm import data as jdata
     from jdm.config import load_params
     from jdm.evaluation import generate
-    from jdm.io import load_tensors, write_json
+    from jdm.io import load_tensors
     from jdm.evaluation import one_step_sampler
     from jdm.metrics import InceptionFeatures, features, fid, kid
     from jdm.models.teacher import build_backbone
@@ -119,10 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         out["sets"][name] = row
         print(name, json.dumps(row), flush=True)
     out["seconds"] = time.perf_counter() - start
-    path = args.out or Path("metrics/diagnostics") / f"fid-gap-{args.condition}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, path)
-    print(f"-> {path}")
+    write_diagnostic(out, args.out or Path("metrics/diagnostics") / f"fid-gap-{args.condition}.json")
     return 0
 
 

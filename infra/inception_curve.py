@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fid_gap import feature_terms  # noqa: E402
+from fid_gap import feature_terms, write_diagnostic  # noqa: E402
 from sweep import _label, _value  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from jdm.annotators.classifier import load_classifier
     from jdm.config import load_params
     from jdm.evaluation import generate, one_step_sampler
-    from jdm.io import load_tensors, write_json
+    from jdm.io import load_tensors
     from jdm.metrics import InceptionFeatures, features, kid
     from jdm.models.fake_score import build_fake_score
     from jdm.models.teacher import build_backbone, load_teacher
@@ -110,10 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         log(steps, evaluate())  # the generator now holds the EMA weights the stage would save
     out = {"steps": steps, "every": args.every, "settings": settings, "num_samples": len(hidden),
            "num_reference": len(reference), "curve": curve}
-    path = args.out or Path("metrics/diagnostics") / ("di-curve" + (f"-{_label(settings)}" if settings else "") + ".json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, path)
-    print(f"-> {path}")
+    name = "di-curve" + (f"-{_label(settings)}" if settings else "")
+    write_diagnostic(out, args.out or Path("metrics/diagnostics") / f"{name}.json")
     return 0
 
 
