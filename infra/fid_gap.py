@@ -41,17 +41,21 @@ def pixel_statistics(images: torch.Tensor) -> dict[str, float]:
             "near_white": float((x > 0.98).float().mean()), "total_variation": float(tv)}
 
 
-def feature_terms(own, reference) -> dict[str, float]:
-    """Where a FID comes from: the squared distance of the feature means (FID's first term) and the
-    rest, which the covariances make (FID = mean term + covariance term), with the features' spread
-    (the trace of their covariance) beside the reference's."""
+def feature_spread(feats) -> float:
+    """The trace of the features' covariance: a set that covers fewer modes spreads less."""
     import numpy as np
 
+    return float(np.trace(np.cov(feats, rowvar=False)))
+
+
+def feature_terms(own, reference) -> dict[str, float]:
+    """Where a FID comes from: the squared distance of the feature means (FID's first term) and the
+    rest, which the covariances make (FID = mean term + covariance term), with the features' spread."""
     from jdm.metrics import fid
 
     total, mean_term = fid(own, reference), float(((own.mean(0) - reference.mean(0)) ** 2).sum())
     return {"fid_inception": total, "fid_mean_term": mean_term, "fid_covariance_term": total - mean_term,
-            "feature_spread": float(np.trace(np.cov(own, rowvar=False)))}
+            "feature_spread": feature_spread(own)}
 
 
 def write_diagnostic(out: dict, path: Path) -> None:
@@ -80,15 +84,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from jdm import data as jdata
     from jdm.config import load_params
-    from jdm.evaluation import generate
+    from jdm.evaluation import generate, one_step_sampler
     from jdm.io import load_tensors
-    from jdm.evaluation import one_step_sampler
     from jdm.metrics import InceptionFeatures, features, fid, kid
     from jdm.models.teacher import build_backbone
     from jdm.pipeline import load_generator
     from jdm.stages.common import REFERENCE
-    from jdm.variants import JDM_MODELS
     from jdm.stages.evaluation import _method_sampler, held_out_prompts, teacher_sampler
+    from jdm.variants import JDM_MODELS
 
     params = load_params(Path("params.yaml"))
     if not params.evaluation.inception_fid:
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, images in sets.items():
         row = pixel_statistics(images)
         if name == "reference":
-            row["feature_spread"] = feature_terms(reference, reference)["feature_spread"]
+            row["feature_spread"] = feature_spread(reference)
         else:
             own, own_blurred = features(inception, images), features(inception, blurred(images, args.sigma))
             row.update(feature_terms(own, reference), kid_inception=kid(own, reference))

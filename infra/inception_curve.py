@@ -23,10 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fid_gap import feature_terms, write_diagnostic  # noqa: E402
+from fid_gap import feature_spread, feature_terms, write_diagnostic  # noqa: E402
 from sweep import _label, _value  # noqa: E402
 
 
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     generator = build_generator(teacher_unet, schedule, None, backbone, p.t_gen, with_controlnet=False)
     inception = InceptionFeatures()
     reference = features(inception, load_tensors(REFERENCE / "samples.safetensors")["samples"].float() / 255)
-    reference_spread = float(np.trace(np.cov(reference, rowvar=False)))
+    reference_spread = feature_spread(reference)
     curve, start = [], time.perf_counter()
 
     def evaluate() -> dict:

@@ -44,5 +44,5 @@ def test_fid_splits_into_a_mean_term_and_a_covariance_term():
     narrow = 0.5 * reference  # the same mean, half the spread: a quarter of the trace; FID = tr(S + S/4 - 2 S/2) = tr(S)/4
     terms = fid_gap.feature_terms(narrow, reference)
     assert terms["fid_mean_term"] < 1e-12
-    assert terms["feature_spread"] == pytest.approx(fid_gap.feature_terms(reference, reference)["feature_spread"] / 4)
+    assert terms["feature_spread"] == pytest.approx(fid_gap.feature_spread(reference) / 4)
     assert terms["fid_covariance_term"] == pytest.approx(0.25 * np.trace(np.cov(reference, rowvar=False)), rel=1e-6)
