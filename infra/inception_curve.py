@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def evaluate() -> dict:
         training = generator.training  # one_step_sampler sets eval mode; training goes on after
-        sampler = one_step_sampler(generator, None, backbone, params.data.image_size // backbone.factor)
+        device = next(generator.parameters()).device  # where train_phase put it: sampling must not move it
+        sampler = one_step_sampler(generator, None, backbone, params.data.image_size // backbone.factor, device)
         own = features(inception, generate(sampler, hidden, mask, None, batch_size=params.evaluation.batch_size,
                                            seed=params.seed))
         generator.train(training)
