@@ -10,7 +10,11 @@ forward (and a fresh generator forward, no grad, after the first update, which r
 generator's samples). Overhead = iteration - their sum: optimiser and EMA steps, noise, the
 condition's surrogate, loss arithmetic, Python.
 
-    python benchmarks/jdm_iteration.py [--profile tiny] [--batch N] [--repeats 5]
+The iteration and the consistency model's passes are timed both ways the trainer can run them, in
+alternating rounds: peft's LoRA (base layer plus two LoRA layers) and merged into each layer's weight
+for the pass (`acceleration.merge_lora`, jdm/models/lora.py).
+
+    python benchmarks/jdm_iteration.py [--profile tiny] [--batch N] [--repeats 5] [--rounds 2]
 
 The JDM settings (batch, fake-score steps per generator step, t_gen, LoRA rank, condition t-range)
 are the profile's `jdm` section unless given.
@@ -47,11 +51,14 @@ class PassTimer:
 
     def __init__(self):
         self.seconds, self.calls = defaultdict(float), defaultdict(int)
+        self.active = True
 
     def wrap(self, name: str, module: torch.nn.Module) -> None:
         forward = module.forward
 
         def timed(*args, **kwargs):
+            if not self.active:
+                return forward(*args, **kwargs)
             sync()
             start = time.perf_counter()
             out = forward(*args, **kwargs)
@@ -80,11 +87,12 @@ def seconds_per_call(fn, repeats: int, warm_up: bool = True) -> float:
 
 
 def needed_passes(generator, teacher, fake, lora, control: dict, hidden, mask, size: int, fake_steps: int,
-                  repeats: int, g: torch.Generator, *, guided: bool, condition_rows: int) -> dict[str, float]:
+                  repeats: int, g: torch.Generator, *, guided: bool, condition_rows: int, merged: bool) -> dict[str, float]:
     """Seconds per iteration of each network pass a JDM iteration needs, each timed alone (module doc),
     as the iteration runs them: the teacher on the prompt and the empty prompt at once when `guided`
-    (real-score CFG), the condition gradient on the `condition_rows` rows whose t is in its range; and,
-    apart (not needed), that gradient on every row, as taken before it skipped the others."""
+    (real-score CFG), the condition gradient on the `condition_rows` rows whose t is in its range, the
+    consistency model's passes with the LoRA `merged` or not; and, apart (not needed), that gradient
+    on every row, as taken before it skipped the others."""
     n = len(hidden)
     z = torch.randn(n, fake.config.in_channels, size, size, generator=g).to(hidden.device)
     t = torch.randint(20, 980, (n,), generator=g).to(hidden.device)
@@ -108,12 +116,12 @@ def needed_passes(generator, teacher, fake, lora, control: dict, hidden, mask, s
     def consistency_grad_to_x(rows):
         def call():
             x = z.clone().requires_grad_(True)
-            with consistency_mode(fake):
+            with consistency_mode(fake, merged):
                 torch.autograd.grad(eps(fake, x, rows).sum(), x)
         return call
 
     def consistency_grad_to_lora():
-        with consistency_mode(fake):
+        with consistency_mode(fake, merged):
             torch.autograd.grad(eps(fake, z).sum(), lora)
 
     def no_grad(fn):
@@ -123,7 +131,7 @@ def needed_passes(generator, teacher, fake, lora, control: dict, hidden, mask, s
         return call
 
     def consistency_forward():
-        with consistency_mode(fake):
+        with consistency_mode(fake, merged):
             eps(fake, z)
 
     per_call = {"generator_forward_backward": generator_forward_backward,
@@ -215,7 +223,8 @@ def main() -> None:
     ap.add_argument("--profile", default="tiny")
     ap.add_argument("--batch", type=int, default=None, help="default: the profile's jdm.batch_size")
     ap.add_argument("--fake-steps", type=int, default=None, help="default: the profile's jdm.fake_steps")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per round")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of teacher step and both iterations")
     ap.add_argument("--width-divisor", type=int, default=1, help="sd15: SD 1.5's widths divided by this (CPU checks)")
     args = ap.parse_args()
     nets = profile_nets(args.profile, num=max(16, args.batch or 0), width_divisor=args.width_divisor)
@@ -229,39 +238,61 @@ def main() -> None:
     steps = build_steps(nets, args.batch, fake_steps, g, timer)
     generator, fake, lora, trainer = steps.generator, steps.fake, steps.lora, steps.trainer
 
-    teacher_s = seconds_per_call(steps.teacher_step, args.repeats)
-    trainer.step()  # warm-up, so the timer counts only the timed iterations
+    # alternating rounds (teacher step, iteration with peft's LoRA, with the LoRA merged), so a drift of
+    # the machine's speed during the run moves all three alike
+    modes = {"peft": False, "merged": True}
+    for merged in modes.values():  # warm-up, so the timer counts only the timed iterations
+        trainer.merge_lora = merged
+        trainer.step()
     timer.seconds.clear()
     timer.calls.clear()
-    jdm_s = seconds_per_call(trainer.step, args.repeats, warm_up=False)
-    forward = {k: v / args.repeats for k, v in timer.seconds.items()}
-    calls = {k: v / args.repeats for k, v in timer.calls.items()}  # before the passes below add theirs
+    rounds: dict[str, list[float]] = {"teacher": [], **{mode: [] for mode in modes}}
+    for _ in range(args.rounds):
+        rounds["teacher"].append(seconds_per_call(steps.teacher_step, args.repeats))
+        for mode, merged in modes.items():
+            trainer.merge_lora, timer.active = merged, not merged  # the per-network forwards: peft's iterations
+            rounds[mode].append(seconds_per_call(trainer.step, args.repeats, warm_up=False))
+    timer.active = False
+    mean = {name: sum(times) / len(times) for name, times in rounds.items()}
+    teacher_s, jdm_s = mean["teacher"], mean["peft"]
+    timed = args.rounds * args.repeats
+    forward = {k: v / timed for k, v in timer.seconds.items()}
+    calls = {k: v / timed for k, v in timer.calls.items()}
     lo, hi = trainer.t_range
     condition_rows = round(args.batch * (min(trainer.cond_t_max or hi, hi) - lo + 1) / (hi - lo + 1))
-    needed = needed_passes(generator, teacher, fake, lora, {condition.name: data.maps[:args.batch]}, steps.hidden,
-                           steps.mask, size, fake_steps, args.repeats, g, guided=p.real_guidance_scale != 1.0,
-                           condition_rows=condition_rows)
-    every_row = needed.pop("consistency_forward_backward_to_x_every_row")
-    needed_s = sum(needed.values())
+    needed = {mode: needed_passes(generator, teacher, fake, lora, {condition.name: data.maps[:args.batch]},
+                                  steps.hidden, steps.mask, size, fake_steps, args.repeats, g,
+                                  guided=p.real_guidance_scale != 1.0, condition_rows=condition_rows, merged=merged)
+              for mode, merged in modes.items()}
+    every_row = {mode: passes.pop("consistency_forward_backward_to_x_every_row") for mode, passes in needed.items()}
+    needed_s = {mode: sum(passes.values()) for mode, passes in needed.items()}
     adamw = optimizer_step_seconds([q for q in generator.parameters() if q.requires_grad], args.repeats)
     result = {"profile": args.profile, "batch": args.batch, "resolution": size, "fake_steps": fake_steps,
+              "rounds": args.rounds, "repeats": args.repeats,
               "teacher_step_s": teacher_s, "jdm_iteration_s": jdm_s, "ratio": jdm_s / teacher_s,
               "forward_s_per_iteration": forward,
               "forward_calls_per_iteration": calls,
               "backward_and_optimizer_s": jdm_s - sum(forward.values()),
-              "needed_passes_s": needed, "needed_passes_total_s": needed_s,
-              "condition_rows": condition_rows, "condition_gradient_every_row_s": every_row,
-              "overhead_s": jdm_s - needed_s, "overhead_fraction": (jdm_s - needed_s) / needed_s,
+              "needed_passes_s": needed["peft"], "needed_passes_total_s": needed_s["peft"],
+              "condition_rows": condition_rows, "condition_gradient_every_row_s": every_row["peft"],
+              "overhead_s": jdm_s - needed_s["peft"], "overhead_fraction": (jdm_s - needed_s["peft"]) / needed_s["peft"],
+              "merge_lora": {"jdm_iteration_s": mean["merged"], "ratio": mean["merged"] / teacher_s,
+                             "speedup": jdm_s / mean["merged"], "needed_passes_s": needed["merged"],
+                             "needed_passes_total_s": needed_s["merged"],
+                             "condition_gradient_every_row_s": every_row["merged"],
+                             "overhead_fraction": (mean["merged"] - needed_s["merged"]) / needed_s["merged"]},
+              "seconds_per_round": rounds,
               "generator_adamw_step_s": adamw, "fused_vs_foreach": adamw["foreach"] / adamw["fused"],
               "machine": machine()}
     print(json.dumps(result, indent=2))
     shrunk = f"_widths-over-{args.width_divisor}" if args.width_divisor != 1 else ""
     out = write_result(f"jdm_iteration_{args.profile}{shrunk}_fake{fake_steps}", result)
+    merged = result["merge_lora"]
     print(f"one JDM iteration = {result['ratio']:.2f} teacher denoising steps (batch {args.batch}, {size}x{size}, "
-          f"{fake_steps} fake-score update(s)); its network passes alone take {needed_s:.3f} s of its {jdm_s:.3f} s: "
-          f"overhead {100 * result['overhead_fraction']:.1f}%; fused AdamW step "
+          f"{fake_steps} fake-score update(s)), {merged['ratio']:.2f} with the LoRA merged ({merged['speedup']:.2f}x); "
+          f"its network passes alone take {needed_s['peft']:.3f} s of its {jdm_s:.3f} s ({needed_s['merged']:.3f} s "
+          f"of {mean['merged']:.3f} s merged): overhead {100 * result['overhead_fraction']:.1f}%; fused AdamW step "
           f"{result['fused_vs_foreach']:.2f}x as fast as foreach -> {out}")
-
 
 if __name__ == "__main__":
     main()

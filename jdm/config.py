@@ -307,11 +307,15 @@ class CheckpointParams(Section):
 
 class AccelerationParams(Section):
     """How every training stage runs (jdm/training/accel.py): accelerate's mixed precision (autocast,
-    trainable weights kept float32) and torch.compile's backend (null: eager). A DVC param of each
-    training stage, since both change the numbers it writes. On CPU bf16 helps only where the cores
-    have bf16 matrix units, and inductor costs minutes of compiling (README, Performance)."""
+    trainable weights kept float32), torch.compile's backend (null: eager) and, in the JDM phases, how
+    the consistency LoRA is computed. A DVC param of each training stage, since all three change the
+    numbers it writes. On CPU bf16 helps only where the cores have bf16 matrix units, and inductor
+    costs minutes of compiling (docs/performance.md)."""
     mixed_precision: Literal["no", "bf16"] = "no"
     compile: Literal["inductor", "aot_eager", "eager"] | None = None
+    # the consistency model's passes with its LoRA merged into each layer's weight for the pass (one
+    # kernel per layer instead of three; the same function up to float rounding): docs/performance.md
+    merge_lora: bool = False
 
 
 class Params(Section):

@@ -4,6 +4,7 @@ adapter off = fake score; only the adapter is trained by the consistency loss.""
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
@@ -43,12 +44,45 @@ def set_lora_enabled(model: torch.nn.Module, enabled: bool) -> None:
 
 
 @contextlib.contextmanager
-def consistency_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+def consistency_mode(model: torch.nn.Module, merged: bool = False) -> Iterator[torch.nn.Module]:
     """The adapter on for the block (the consistency model), off again after (the fake score).
 
-    peft also switches the adapter's requires_grad with it, so fake-score losses never reach the LoRA."""
-    set_lora_enabled(model, True)
+    peft also switches the adapter's requires_grad with it, so fake-score losses never reach the LoRA.
+    `merged`: the same consistency model, each adapted layer run once with its weight merged for the
+    pass, W + s B A (differentiable in the LoRA), instead of peft's base layer plus two LoRA layers:
+    fewer, larger kernels, the same function up to float rounding (tests/unit/test_jdm_unet.py)."""
+    if not merged:
+        set_lora_enabled(model, True)
+        try:
+            yield model
+        finally:
+            set_lora_enabled(model, False)
+        return
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        _check_mergeable(layer)
+        layer.forward = functools.partial(_merged_forward, layer)  # shadows the class's forward for the block
+    lora = lora_parameters(model)
+    for p in lora:
+        p.requires_grad_(True)  # as peft's switch would: the consistency loss's gradient reaches the LoRA
     try:
         yield model
     finally:
-        set_lora_enabled(model, False)
+        for layer in layers:
+            del layer.forward
+        for p in lora:
+            p.requires_grad_(False)
+
+
+def _merged_forward(layer: BaseTunerLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    base = layer.get_base_layer()
+    weight = base.weight + layer.get_delta_weight(ADAPTER)
+    return torch.func.functional_call(base, {"weight": weight}, (x, *args), kwargs)
+
+
+def _check_mergeable(layer: BaseTunerLayer) -> None:
+    """Merging equals the adapter's own forward only for a plain LoRA: no dropout on its input, no variant
+    (DoRA and the like)."""
+    if not isinstance(layer.lora_dropout[ADAPTER], torch.nn.Identity) or ADAPTER in layer.lora_variant:
+        raise ValueError(f"the consistency LoRA of a {type(layer.get_base_layer()).__name__} has dropout or a LoRA "
+                         f"variant: a merged pass would compute another function; set acceleration.merge_lora: false")

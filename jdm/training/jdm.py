@@ -63,9 +63,10 @@ class JDMTrainer:
     def __init__(self, players: Players, schedule: VPSchedule, settings: JDMSettings, *,
                  generator_optimizer: torch.optim.Optimizer, fake_optimizer: torch.optim.Optimizer,
                  lora_optimizer: torch.optim.Optimizer, lora_params: list[torch.nn.Parameter],
-                 batch_size: int, rng: torch.Generator, shard: Shard = Shard()):
+                 batch_size: int, rng: torch.Generator, shard: Shard = Shard(), merge_lora: bool = False):
         """`batch_size` per process; `rng` the stream every process shares, of which `shard` keeps this
-        process's rows (jdm/training/parallel.py)."""
+        process's rows (jdm/training/parallel.py); `merge_lora`: the consistency model's passes with the
+        LoRA merged into each layer's weight (`consistency_mode`; the same up to float rounding)."""
         if players.condition_grad is not None and (players.log_likelihood is not None or settings.condition_on_x):
             raise ValueError("a direct condition gradient (condition_grad) replaces log_likelihood and is taken at "
                              "x_t: give one of the two, and not with condition_on_x")
@@ -73,7 +74,7 @@ class JDMTrainer:
         self.gen_opt, self.fake_opt, self.lora_opt = generator_optimizer, fake_optimizer, lora_optimizer
         self.lora_params = lora_params
         self.lora_target = EMAModel(lora_params, decay=settings.consistency_ema)
-        self.batch_size, self.rng, self.shard = batch_size, rng, shard
+        self.batch_size, self.rng, self.shard, self.merge_lora = batch_size, rng, shard, merge_lora
         T = schedule.num_timesteps
         last = lambda fraction: min(int(fraction * T), T - 1)  # noqa: E731  (1.0 is the schedule's last step, T - 1)
         self.t_range = (int(settings.t_min * T), last(settings.t_max))
@@ -107,7 +108,7 @@ class JDMTrainer:
         return eps
 
     def _condition_grad(self, ctx, x_t, t):
-        with consistency_mode(self.p.fake_score):
+        with consistency_mode(self.p.fake_score, self.merge_lora):
             return condition_grad(self._consistency_eps(ctx), lambda x0: self.p.log_likelihood(x0, ctx),
                                   x_t, t, self.schedule)
 
@@ -143,7 +144,7 @@ class JDMTrainer:
         self.fake_opt.step()
 
         k = self.shard.draw(lambda m: torch.randint(1, len(self.ladder), (m,), generator=self.rng), len(x))
-        with consistency_mode(self.p.fake_score):
+        with consistency_mode(self.p.fake_score, self.merge_lora):
             loss_cons = consistency_loss(self._consistency_eps(ctx), self._target_eps(ctx), x, self._eps(x), k,
                                          self.ladder, self.schedule)
             grads = torch.autograd.grad(loss_cons, self.lora_params)  # the LoRA only, never the fake score

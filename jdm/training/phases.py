@@ -221,7 +221,8 @@ def train_phase(generator: OneStepGenerator, teacher_unet: UNet2DConditionModel,
     trainer = JDMTrainer(players, schedule, JDMSettings.from_params(p), generator_optimizer=_adam(groups, p),
                          fake_optimizer=_adam([{"params": base_parameters(fake_score), "lr": p.fake_lr}], p),
                          lora_optimizer=_adam([{"params": lora, "lr": p.lora_lr}], p), lora_params=lora,
-                         batch_size=p.batch_size // shard.count, rng=rng, shard=shard)
+                         batch_size=p.batch_size // shard.count, rng=rng, shard=shard,
+                         merge_lora=acceleration.merge_lora)
     ema = EMAModel(trained, decay=p.ema_decay) if p.ema_decay else None
     stateful = {"controlnets": generator.controlnets, "fake_score": fake_score, "lora_target": trainer.lora_target,
                 "generator_optimizer": trainer.gen_opt, "fake_optimizer": trainer.fake_opt,

@@ -93,6 +93,38 @@ def test_lora_switches_between_fake_score_and_consistency_model(smoke_params):
     assert not torch.allclose(on, off) and torch.equal(off, off_again)
 
 
+
+def test_the_merged_lora_is_the_same_consistency_model_and_leaves_the_fake_score_as_it_was(smoke_params):
+    _, _, _, fake, lora, _ = setup(smoke_params, freeze_unet=False)
+    for q in lora:
+        torch.nn.init.normal_(q, std=0.1)
+    x, t = torch.randn(4, 1, 16, 16), torch.tensor([10, 300, 500, 900])
+    h, m = torch.randn(4, 4, 32), torch.ones(4, 4, dtype=torch.long)
+
+    def fake_score():
+        with torch.no_grad():
+            return fake(x, t, encoder_hidden_states=h, encoder_attention_mask=m).sample
+
+    before = fake_score()
+
+    def consistency(merged):
+        """The consistency model's output, its loss's gradient to the LoRA and to its input."""
+        x_in = x.clone().requires_grad_(True)
+        with consistency_mode(fake, merged):
+            out = fake(x_in, t, encoder_hidden_states=h, encoder_attention_mask=m).sample
+            *to_lora, to_x = torch.autograd.grad((out ** 2).sum(), [*lora, x_in])
+        return out.detach(), to_lora, to_x
+
+    (peft_out, peft_lora, peft_x), (merged_out, merged_lora, merged_x) = consistency(False), consistency(True)
+    assert torch.allclose(merged_out, peft_out, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(merged_x, peft_x, atol=1e-5, rtol=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(merged_lora, peft_lora))
+    assert not torch.equal(merged_out, peft_out)  # computed another way, not peft's path again
+    # after the block: the fake score again (adapter off, LoRA frozen to its losses), on peft's own layers
+    assert torch.equal(fake_score(), before)
+    assert not any(q.requires_grad for q in lora)
+    assert not any("forward" in vars(module) for module in fake.modules())
+
 def test_guided_real_score_is_the_teachers_cfg(smoke_params):
     """`real_guidance_scale` s: the real score is eps(null) + s (eps(y) - eps(null)) of the teacher, with the
     null prompt at index 0 of the table; s = 1 leaves the plain prompt-conditioned teacher."""
