@@ -59,8 +59,9 @@ def consistency_mode(model: torch.nn.Module, merged: bool = False) -> Iterator[t
             set_lora_enabled(model, False)
         return
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
+    for layer in layers:  # all checked before any is changed: a refusal leaves the model as it was
         _check_mergeable(layer)
+    for layer in layers:
         layer.forward = functools.partial(_merged_forward, layer)  # shadows the class's forward for the block
     lora = lora_parameters(model)
     for p in lora:

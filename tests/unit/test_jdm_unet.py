@@ -186,3 +186,18 @@ def test_the_condition_gradient_is_taken_only_on_the_rows_that_use_it(smoke_para
     assert torch.allclose(sub.loss, masked.loss, rtol=1e-5)
     assert abs(sub.condition_norm - masked.condition_norm) < 1e-4 * masked.condition_norm
     assert sub.fidelity_norm == masked.fidelity_norm
+
+
+def test_a_lora_that_merging_would_change_is_refused_and_left_as_it_was():
+    import pytest
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from jdm.models.lora import ADAPTER
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["0", "2"], lora_dropout=0.1), model, adapter_name=ADAPTER)
+    model[0].lora_dropout[ADAPTER] = torch.nn.Identity()  # the first layer could merge, the last could not
+    with pytest.raises(ValueError, match="merge_lora: false"):
+        with consistency_mode(model, merged=True):
+            pass
+    assert not any("forward" in vars(module) for module in model.modules())
