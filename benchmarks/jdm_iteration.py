@@ -294,5 +294,6 @@ def main() -> None:
           f"of {mean['merged']:.3f} s merged): overhead {100 * result['overhead_fraction']:.1f}%; fused AdamW step "
           f"{result['fused_vs_foreach']:.2f}x as fast as foreach -> {out}")
 
+
 if __name__ == "__main__":
     main()

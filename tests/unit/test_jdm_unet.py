@@ -115,10 +115,14 @@ def test_the_merged_lora_is_the_same_consistency_model_and_leaves_the_fake_score
             *to_lora, to_x = torch.autograd.grad((out ** 2).sum(), [*lora, x_in])
         return out.detach(), to_lora, to_x
 
+    def close(a, b):
+        """Equal up to float rounding, relative to the whole tensor: an element near zero in a gradient
+        of norm ~100 may differ by 1e-5 after another order of the same sums (measured at one thread)."""
+        return (a - b).norm() <= 1e-4 * b.norm()
+
     (peft_out, peft_lora, peft_x), (merged_out, merged_lora, merged_x) = consistency(False), consistency(True)
-    assert torch.allclose(merged_out, peft_out, atol=1e-5, rtol=1e-4)
-    assert torch.allclose(merged_x, peft_x, atol=1e-5, rtol=1e-4)
-    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(merged_lora, peft_lora))
+    assert close(merged_out, peft_out) and close(merged_x, peft_x)
+    assert all(close(a, b) for a, b in zip(merged_lora, peft_lora))
     assert not torch.equal(merged_out, peft_out)  # computed another way, not peft's path again
     # after the block: the fake score again (adapter off, LoRA frozen to its losses), on peft's own layers
     assert torch.equal(fake_score(), before)
