@@ -255,20 +255,8 @@ def fail_abandoned_runs(client, experiment_id: str) -> list[str]:
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
-    """uint8 HxWx3 grid of images or maps in [0,1] for `mlflow.log_image` (any channel count: `channel_tiles`):
-    `nrow` tiles a row, one white pixel between and around them.
+    """uint8 HxWx3 grid of images or maps in [0,1] for `mlflow.log_image` (any channel count: `channel_tiles`)."""
+    from torchvision.utils import make_grid
 
-    The layout and pixels of torchvision's `make_grid(..., padding=1, pad_value=1)` (tests/unit/test_tracking.py
-    compares them), without importing torchvision: its package import pulls in torch._dynamo, 2-3 s of every
-    stage process that logs a grid, for a copy of tiles into a canvas (docs/performance.md, "Pipeline")."""
-    tiles = channel_tiles(images.float().clamp(0, 1).cpu())
-    n, _, h, w = tiles.shape
-    if n == 1:  # a single tile alone, unpadded, as make_grid gives it
-        return (tiles[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    cols = min(nrow, n)
-    rows = -(-n // cols)
-    grid = torch.ones(3, rows * (h + 1) + 1, cols * (w + 1) + 1)
-    for k, tile in enumerate(tiles):
-        y, x = divmod(k, cols)
-        grid[:, 1 + y * (h + 1):(y + 1) * (h + 1), 1 + x * (w + 1):(x + 1) * (w + 1)] = tile
+    grid = make_grid(channel_tiles(images.float().clamp(0, 1).cpu()), nrow=nrow, padding=1, pad_value=1.0)
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

@@ -86,18 +86,3 @@ def test_stages_started_together_on_a_new_store_all_record(tmp_path, monkeypatch
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("jdm").experiment_id])
     assert sorted(r.data.tags["condition"] for r in runs) == ["canny", "depth", "hed"]
-
-
-def test_image_grid_lays_out_tiles_as_torchvisions_make_grid():
-    import numpy as np
-    import torch
-    from torchvision.utils import make_grid
-
-    from jdm.tracking import channel_tiles, image_grid
-
-    g = torch.Generator().manual_seed(0)
-    for n, channels, nrow in ((1, 3, 8), (3, 1, 8), (8, 3, 4), (10, 1, 4), (5, 2, 5)):
-        images = torch.rand(n, channels, 6, 5, generator=g) * 1.2 - 0.1  # some outside [0, 1]: clamped
-        expected = make_grid(channel_tiles(images.clamp(0, 1)), nrow=nrow, padding=1, pad_value=1.0)
-        expected = (expected.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        np.testing.assert_array_equal(image_grid(images, nrow=nrow), expected)
