@@ -14,7 +14,7 @@ The iteration and the consistency model's passes are timed both ways the trainer
 alternating rounds: peft's LoRA (base layer plus two LoRA layers) and merged into each layer's weight
 for the pass (`acceleration.merge_lora`, jdm/models/lora.py).
 
-    python benchmarks/jdm_iteration.py [--profile tiny] [--batch N] [--repeats 5] [--rounds 2]
+    python benchmarks/jdm_iteration.py [--profile tiny] [--batch N] [--repeats 5] [--rounds 4]
 
 The JDM settings (batch, fake-score steps per generator step, t_gen, LoRA rank, condition t-range)
 are the profile's `jdm` section unless given.
@@ -87,12 +87,13 @@ def seconds_per_call(fn, repeats: int, warm_up: bool = True) -> float:
 
 
 def needed_passes(generator, teacher, fake, lora, control: dict, hidden, mask, size: int, fake_steps: int,
-                  repeats: int, g: torch.Generator, *, guided: bool, condition_rows: int, merged: bool) -> dict[str, float]:
+                  repeats: int, g: torch.Generator, *, guided: bool, condition_rows: int, merged: bool,
+                  only: tuple[str, ...] | None = None) -> dict[str, float]:
     """Seconds per iteration of each network pass a JDM iteration needs, each timed alone (module doc),
     as the iteration runs them: the teacher on the prompt and the empty prompt at once when `guided`
     (real-score CFG), the condition gradient on the `condition_rows` rows whose t is in its range, the
     consistency model's passes with the LoRA `merged` or not; and, apart (not needed), that gradient
-    on every row, as taken before it skipped the others."""
+    on every row, as taken before it skipped the others. `only`: these passes alone."""
     n = len(hidden)
     z = torch.randn(n, fake.config.in_channels, size, size, generator=g).to(hidden.device)
     t = torch.randint(20, 980, (n,), generator=g).to(hidden.device)
@@ -148,7 +149,12 @@ def needed_passes(generator, teacher, fake, lora, control: dict, hidden, mask, s
              "consistency_forward_backward_to_x_every_row": 1, "fake_score_forward_backward": fake_steps,
              "consistency_forward_backward_to_lora": fake_steps, "consistency_target_forward": fake_steps,
              "generator_forward": fake_steps - 1}
-    return {name: calls[name] * seconds_per_call(fn, repeats) for name, fn in per_call.items() if calls[name]}
+    return {name: calls[name] * seconds_per_call(fn, repeats) for name, fn in per_call.items()
+            if calls[name] and (only is None or name in only)}
+
+
+CONSISTENCY_PASSES = ("consistency_forward_backward_to_x", "consistency_forward_backward_to_x_every_row",
+                      "consistency_forward_backward_to_lora", "consistency_target_forward")
 
 
 def optimizer_step_seconds(params: list[torch.nn.Parameter], repeats: int) -> dict[str, float]:
@@ -224,7 +230,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="default: the profile's jdm.batch_size")
     ap.add_argument("--fake-steps", type=int, default=None, help="default: the profile's jdm.fake_steps")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per round")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of teacher step and both iterations")
+    ap.add_argument("--rounds", type=int, default=4, help="alternating rounds of teacher step and both iterations")
     ap.add_argument("--width-divisor", type=int, default=1, help="sd15: SD 1.5's widths divided by this (CPU checks)")
     args = ap.parse_args()
     nets = profile_nets(args.profile, num=max(16, args.batch or 0), width_divisor=args.width_divisor)
@@ -260,12 +266,16 @@ def main() -> None:
     calls = {k: v / timed for k, v in timer.calls.items()}
     lo, hi = trainer.t_range
     condition_rows = round(args.batch * (min(trainer.cond_t_max or hi, hi) - lo + 1) / (hi - lo + 1))
-    needed = {mode: needed_passes(generator, teacher, fake, lora, {condition.name: data.maps[:args.batch]},
-                                  steps.hidden, steps.mask, size, fake_steps, args.repeats, g,
-                                  guided=p.real_guidance_scale != 1.0, condition_rows=condition_rows, merged=merged)
-              for mode, merged in modes.items()}
-    every_row = {mode: passes.pop("consistency_forward_backward_to_x_every_row") for mode, passes in needed.items()}
-    needed_s = {mode: sum(passes.values()) for mode, passes in needed.items()}
+    def passes(merged: bool, only: tuple[str, ...] | None = None) -> dict[str, float]:
+        return needed_passes(generator, teacher, fake, lora, {condition.name: data.maps[:args.batch]}, steps.hidden,
+                             steps.mask, size, fake_steps, args.repeats, g, guided=p.real_guidance_scale != 1.0,
+                             condition_rows=condition_rows, merged=merged, only=only)
+
+    needed = {"peft": passes(False)}
+    # merging changes the consistency model's passes only: the others are peft's, timed once
+    needed["merged"] = {**needed["peft"], **passes(True, CONSISTENCY_PASSES)}
+    every_row = {mode: times.pop("consistency_forward_backward_to_x_every_row") for mode, times in needed.items()}
+    needed_s = {mode: sum(times.values()) for mode, times in needed.items()}
     adamw = optimizer_step_seconds([q for q in generator.parameters() if q.requires_grad], args.repeats)
     result = {"profile": args.profile, "batch": args.batch, "resolution": size, "fake_steps": fake_steps,
               "rounds": args.rounds, "repeats": args.repeats,
